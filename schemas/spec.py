@@ -1,0 +1,59 @@
+"""The side network a device asks for, and the hyper-parameters of a job.
+
+The server builds exactly this network (side_server/sidenet.py) and the board
+runs its forward pass (edge_agent/sidenet.py); both read this spec only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Fingerprint = str  # sha256 hex of backbone.onnx
+FINGERPRINT_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SideNetSpec(_Frozen):
+    """Additive ladder side network (DESIGN.md §2.4).
+
+    ``taps`` index the backbone's pivot states (0 = embedding output,
+    ``num_layers`` = last layer); ``width`` is the backbone's hidden size d;
+    ``out_dim`` is K, the width of the mixed target.
+    """
+
+    num_states: int = Field(ge=1, le=1024, description="L+1 pivot states per sample on the wire")
+    width: int = Field(ge=1, le=16384, description="hidden size d")
+    taps: tuple[int, ...] = Field(min_length=1, max_length=256)
+    bottleneck: int = Field(default=8, ge=1, le=1024)
+    out_dim: int = Field(ge=2, le=256)
+    norm: Literal["layernorm", "none"] = "layernorm"
+    activation: Literal["gelu", "relu", "tanh"] = "gelu"
+
+    @field_validator("taps")
+    @classmethod
+    def _taps_sorted(cls, taps: tuple[int, ...]) -> tuple[int, ...]:
+        if list(taps) != sorted(set(taps)):
+            raise ValueError("taps must be strictly increasing")
+        if taps[0] < 0:
+            raise ValueError("taps must be non-negative")
+        return taps
+
+    @model_validator(mode="after")
+    def _taps_in_range(self) -> SideNetSpec:
+        if self.taps[-1] >= self.num_states:
+            raise ValueError(f"tap {self.taps[-1]} is out of range for {self.num_states} pivot states")
+        return self
+
+
+class HyperParams(_Frozen):
+    epochs: int = Field(default=10, ge=1, le=1000)
+    lr: float = Field(default=1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0, le=10.0)
+    batch_size: int = Field(default=64, ge=1, le=8192)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)

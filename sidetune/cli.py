@@ -1,0 +1,159 @@
+"""The ``sidetune`` command: one entry, subcommands, documented exit codes.
+
+Exit codes (systemd's ``RestartPreventExitStatus`` uses 2 and 78):
+  0  success
+  1  the work failed (a job failed, a target was missed)
+  2  bad usage or bad input (a wrong flag, a missing file, an invalid config)
+  69 a service is unavailable (broker or Redis unreachable at start)
+  78 configuration error (a config file that does not validate)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from schemas.errors import SidetuneError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 2, 69, 78
+
+
+class CliError(SidetuneError):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------- subcommands
+
+
+def cmd_schema_vectors(args: argparse.Namespace) -> int:
+    from schemas.vectors import write_vectors
+
+    try:
+        index = write_vectors(Path(args.dir))
+    except OSError as e:
+        raise CliError(f"cannot write vectors to {args.dir}: {e.strerror or e}") from None
+    for kind, entry in sorted(index.items()):
+        print(f"{kind:12s} {entry['topic']:36s} {args.dir}/{entry['file']}")
+    print(f"wrote {len(index)} vectors and {args.dir}/index.json")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from backbone_export import ExportError, export_backbone
+
+    try:
+        manifest = export_backbone(args.model, Path(args.out), quantize=args.quantize)
+    except ExportError as e:
+        raise CliError(str(e)) from None
+    print(f"exported {manifest['source']} → {args.out} (fingerprint {manifest['fingerprint'][:16]}…)")
+    return EXIT_OK
+
+
+def cmd_bench_backbone(args: argparse.Namespace) -> int:
+    from backbone_export.bench import run_bench
+
+    run_bench(Path(args.backbone), json_path=Path(args.json) if args.json else None)
+    return EXIT_OK
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from edge_agent import cli as edge_cli
+
+    return int(edge_cli.run(args))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from side_server import cli as server_cli
+
+    return int(server_cli.run(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidetune.demo import run_demo
+
+    return int(run_demo(args))
+
+
+# ----------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidetune", description="Privacy-aware side-tuning for edge boards over MQTT.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    schema = sub.add_parser("schema", help="the wire contract").add_subparsers(dest="schema_cmd", required=True)
+    vec = schema.add_parser("vectors", help="write one valid encoded payload per message kind")
+    vec.add_argument("dir")
+    vec.set_defaults(func=cmd_schema_vectors)
+
+    exp = sub.add_parser("export", help="export a backbone to ONNX with pivot outputs")
+    exp.add_argument("--model", required=True, help="smollm2-135m, a Hugging Face model folder, or a .gguf file")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--quantize", choices=["int8"], default=None)
+    exp.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="benchmarks that report numbers").add_subparsers(dest="bench_cmd", required=True)
+    bb = bench.add_parser("backbone", help="ONNX Runtime fp32/int8 vs torch eager: latency and memory")
+    bb.add_argument("--backbone", required=True, help="an exported backbone folder")
+    bb.add_argument("--json", help="also write the results here")
+    bb.set_defaults(func=cmd_bench_backbone)
+
+    edge = sub.add_parser("edge", help="the board's agent")
+    edge.set_defaults(func=cmd_edge, edge_parser=edge)
+    _add_edge_commands(edge)
+
+    server = sub.add_parser("server", help="the side server (one worker)")
+    server.add_argument("--config", help="TOML file (environment SIDETUNE_SERVER_* overrides)")
+    server.add_argument("--check", action="store_true", help="check the broker and Redis, then exit")
+    server.set_defaults(func=cmd_server)
+
+    demo = sub.add_parser("demo", help="everything on one machine, on the real model and data")
+    _add_demo_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def _add_edge_commands(edge: argparse.ArgumentParser) -> None:
+    sub = edge.add_subparsers(dest="edge_cmd", required=True)
+    for name, help_ in (("run", "run the agent daemon"), ("train", "start a round now"),
+                        ("status", "print the agent's state")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--config", required=True)
+    pr = sub.add_parser("predict", help="classify texts with the installed adapter")
+    pr.add_argument("--config", required=True)
+    pr.add_argument("texts", nargs="+")
+
+
+def _add_demo_options(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--devices", type=int, default=2)
+    demo.add_argument("--samples", type=int, default=1600, help="training samples per device by the last round")
+    demo.add_argument("--holdout", type=int, default=500, help="held-out samples per device")
+    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--backbone", default=None, help="exported backbone folder (exported on first use)")
+    demo.add_argument("--workdir", default=None, help="where state and logs go (a temporary folder by default)")
+    demo.add_argument("--json", default=None, help="write the results as JSON here")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as e:
+        print(f"sidetune: error: {e}", file=sys.stderr)
+        return e.code
+    except SidetuneError as e:
+        print(f"sidetune: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("sidetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
