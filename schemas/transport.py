@@ -1,0 +1,163 @@
+"""The one wrapper around paho-mqtt, used by the board and the server alike.
+
+paho 2.x still defaults to the old callback API and MQTT 3.1.1; this wraps it
+once with VERSION2 callbacks, MQTT v5, QoS 1, persistent sessions and
+re-subscription on every reconnect. Incoming messages go to ``on_message``
+(called on paho's thread: it must not block). With ``manual_ack`` the caller
+acknowledges a message only once it is safely stored, so a crash makes the
+broker deliver it again instead of losing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from schemas.errors import SidetuneError
+
+log = logging.getLogger(__name__)
+
+QOS = 1
+
+
+class TransportError(SidetuneError):
+    """The broker refused us or could not be reached."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    mid: int
+    retain: bool
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None  # TLS when set
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise TransportError(f"bad broker port {self.port}")
+
+
+class Transport:
+    def __init__(
+        self,
+        client_id: str,
+        broker: BrokerAddress,
+        on_message: Callable[[Incoming], None],
+        *,
+        subscriptions: tuple[str, ...] = (),
+        will: tuple[str, bytes] | None = None,
+        manual_ack: bool = False,
+        session_expiry: int = 7 * 24 * 3600,
+        on_published: Callable[[int], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.subscriptions = subscriptions
+        self.connected = threading.Event()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._on_message = on_message
+        self._on_published = on_published
+        self._refused: str | None = None
+        self._lock = threading.Lock()
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
+        )
+        if broker.username is not None:
+            c.username_pw_set(broker.username, broker.password)
+        if broker.ca_file:
+            c.tls_set(ca_certs=broker.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            c.will_set(will[0], will[1], qos=QOS, retain=True)
+        c.max_inflight_messages_set(32)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=10)
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        c.on_publish = self._handle_publish
+        self._session_expiry = session_expiry
+        self.client = c
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 15.0) -> Transport:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry
+        try:
+            self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False, properties=props)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"cannot reach broker {self.broker.host}:{self.broker.port}: {e}") from None
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.client.loop_stop()
+            why = self._refused or "no answer"
+            raise TransportError(f"could not connect to broker {self.broker.host}:{self.broker.port} ({why})")
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    # ------------------------------------------------------------ operations
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=QOS, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_NO_CONN:
+            # NO_CONN: paho keeps the message and sends it on reconnect.
+            with self._lock:
+                self.bytes_sent += len(payload)
+            return info
+        raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+
+    def ack(self, mid: int) -> None:
+        self.client.ack(mid, QOS)
+
+    # ------------------------------------------------------------ paho callbacks
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            log.error("broker refused the connection: %s", reason)
+            return
+        for flt in self.subscriptions:
+            client.subscribe(flt, qos=QOS)
+        self.connected.set()
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.connected.clear()
+        if reason.is_failure:
+            log.warning("disconnected from broker: %s (reconnecting)", reason)
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.bytes_received += len(msg.payload)
+        try:
+            self._on_message(Incoming(msg.topic, bytes(msg.payload), msg.mid, bool(msg.retain), bool(msg.dup)))
+        except Exception:  # a handler bug must not kill paho's network thread
+            log.exception("message handler failed on %s", msg.topic)
+
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if self._on_published is not None:
+            try:
+                self._on_published(mid)
+            except Exception:
+                log.exception("publish-ack handler failed")

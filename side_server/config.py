@@ -1,0 +1,33 @@
+"""The side server's settings (TOML file, then SIDETUNE_SERVER_* environment)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from schemas.settings import FileThenEnv
+
+
+class ServerSettings(FileThenEnv):
+    model_config = SettingsConfigDict(env_prefix="SIDETUNE_SERVER_", extra="forbid")
+
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=1883, gt=0, lt=65536)
+    broker_username: str = "sidetune-server"
+    broker_password: str = ""
+    broker_ca_file: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Workers with the same group share the uplinks ($share/<group>/...).
+    share_group: str = "workers"
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    #: Cached activations live this long (Redis TTL, seconds); eviction may take them sooner.
+    activation_ttl: int = Field(default=7 * 24 * 3600, gt=0)
+    #: A job's lease; a worker renews it every epoch, another takes over when it lapses.
+    lease_seconds: float = Field(default=30.0, gt=0)
+    #: Messages older than this are rejected as replays.
+    max_message_age: float = Field(default=7 * 24 * 3600, gt=0)
+    torch_threads: int = Field(default=1, ge=1)
+    log_level: str = "INFO"

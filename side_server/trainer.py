@@ -1,0 +1,120 @@
+"""Training the device-defined side network on cached activations.
+
+Loss: ``mean_i ‖g(A_i) − target_i‖²`` with ``target = M·(onehot(y) − p_b)``
+(+ noise in the extra dimensions) as the device sent it; the server never
+sees labels. A held-out slice of the job's samples gives the validation loss.
+Checkpoints (weights + AdamW moments + epoch) are safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from schemas.spec import HyperParams, SideNetSpec
+from side_server.sidenet import SideNet
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    seconds: float
+
+
+def split(n: int, hyper: HyperParams) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices, fixed by the job's seed."""
+    perm = np.random.default_rng(hyper.seed).permutation(n)
+    n_val = int(round(n * hyper.val_fraction)) if n >= 10 else 0
+    return perm[n_val:], perm[:n_val]
+
+
+def _optimizer(net: SideNet, hyper: HyperParams) -> torch.optim.AdamW:
+    return torch.optim.AdamW(net.parameters(), lr=hyper.lr, weight_decay=hyper.weight_decay)
+
+
+def checkpoint_bytes(net: SideNet, opt: torch.optim.AdamW, epoch: int) -> bytes:
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            n = names[id(p)]
+            tensors[f"opt.{n}.exp_avg"] = st["exp_avg"].detach().clone()
+            tensors[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
+            tensors[f"opt.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
+    return bytes(st_save(tensors, metadata={"epoch": str(epoch), "format": "sidetune-ckpt-v1"}))
+
+
+def restore_checkpoint(blob: bytes, net: SideNet, opt: torch.optim.AdamW) -> int:
+    """Load a checkpoint; returns the last finished epoch."""
+    n = int.from_bytes(blob[:8], "little")
+    meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
+    tensors = st_load(blob)
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for name, p in net.named_parameters():
+        if f"opt.{name}.exp_avg" in tensors:
+            opt.state[p] = {
+                "step": tensors[f"opt.{name}.step"].reshape(()).clone(),
+                "exp_avg": tensors[f"opt.{name}.exp_avg"].clone(),
+                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].clone(),
+            }
+    return int(meta.get("epoch", 0))
+
+
+def train(
+    spec: SideNetSpec,
+    hyper: HyperParams,
+    states: np.ndarray,  # (N, T, d): tapped states only
+    targets: np.ndarray,  # (N, K)
+    *,
+    init_weights: bytes | None = None,
+    checkpoint: bytes | None = None,
+    on_epoch: Callable[[EpochReport, bytes], bool] | None = None,
+) -> tuple[SideNet, list[EpochReport]]:
+    """Train for the remaining epochs. ``on_epoch(report, checkpoint)`` returns False to stop."""
+    torch.manual_seed(hyper.seed)
+    net = SideNet(spec)
+    if init_weights is not None:
+        net.load_weights(init_weights)
+    opt = _optimizer(net, hyper)
+    start = restore_checkpoint(checkpoint, net, opt) if checkpoint else 0
+
+    x = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+    tr, va = split(len(x), hyper)
+    reports: list[EpochReport] = []
+    for epoch in range(start + 1, hyper.epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        order = tr[np.random.default_rng(hyper.seed * 1000 + epoch).permutation(len(tr))]
+        total = 0.0
+        for b in range(0, len(order), hyper.batch_size):
+            idx = torch.from_numpy(order[b : b + hyper.batch_size])
+            loss = ((net.forward_tapped(x[idx]) - y[idx]) ** 2).sum(dim=1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        train_loss = total / max(len(order), 1)
+        val_loss = None
+        if len(va):
+            net.eval()
+            with torch.no_grad():
+                vi = torch.from_numpy(va)
+                val_loss = float(((net.forward_tapped(x[vi]) - y[vi]) ** 2).sum(dim=1).mean())
+        report = EpochReport(epoch, train_loss, val_loss, time.perf_counter() - t0)
+        reports.append(report)
+        if on_epoch is not None and not on_epoch(report, checkpoint_bytes(net, opt, epoch)):
+            break
+    return net, reports
