@@ -1,0 +1,211 @@
+"""The exported backbone on the board: tokenizer.json + backbone.onnx + manifest.json.
+
+Only numpy, onnxruntime, tokenizers and the standard library: no torch here.
+
+    bb = Backbone.load("backbone/", threads=2)
+    ids = bb.encode(["Review: great\\nSentiment:"], max_length=128)
+    states, logits = bb.run(ids)      # [N, L+1, d] float32, [N, V] float32 or None
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+DEFAULT_ONNX = "backbone.onnx"
+DEFAULT_TOKENIZER = "tokenizer.json"
+REQUIRED_KEYS = ("fingerprint", "num_layers", "hidden_size", "vocab_size", "pivot", "pad_token_id")
+
+
+class BackboneError(Exception):
+    """The backbone folder is missing, corrupt, or does not match its manifest."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """manifest.json of a backbone folder, checked for the keys the runtime needs."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise BackboneError(f"backbone folder {str(d)!r} does not exist")
+    path = d / MANIFEST_NAME
+    if not path.is_file():
+        raise BackboneError(f"backbone folder {str(d)!r} has no {MANIFEST_NAME} (export one first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BackboneError(f"corrupt manifest {str(path)!r}: {e}") from e
+    if not isinstance(manifest, dict):
+        raise BackboneError(f"corrupt manifest {str(path)!r}: not a JSON object")
+    missing = [k for k in REQUIRED_KEYS if manifest.get(k) is None]
+    if missing:
+        raise BackboneError(f"corrupt manifest {str(path)!r}: missing {', '.join(missing)}")
+    if manifest["pivot"] not in ("last", "first"):
+        raise BackboneError(f"corrupt manifest {str(path)!r}: unknown pivot {manifest['pivot']!r}")
+    fp = manifest["fingerprint"]
+    if not (isinstance(fp, str) and len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)):
+        raise BackboneError(f"corrupt manifest {str(path)!r}: fingerprint is not a sha256 hex digest")
+    for k in ("num_layers", "hidden_size", "vocab_size", "pad_token_id"):
+        if not isinstance(manifest[k], int) or isinstance(manifest[k], bool) or manifest[k] < 0:
+            raise BackboneError(f"corrupt manifest {str(path)!r}: {k} must be a non-negative integer")
+    return manifest
+
+
+class Backbone:
+    """A loaded backbone: tokenizer + ONNX Runtime session + manifest."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], tokenizer: Any, session: Any):
+        self.directory = directory
+        self.manifest = manifest
+        self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.session = session  # onnxruntime.InferenceSession
+        self.fingerprint: str = manifest["fingerprint"]
+        self.num_layers: int = int(manifest["num_layers"])
+        self.hidden_size: int = int(manifest["hidden_size"])
+        self.vocab_size: int = int(manifest["vocab_size"])
+        self.pivot: str = manifest["pivot"]
+        self.pad_id: int = int(manifest["pad_token_id"])
+        self.prefix_ids: list[int] = [int(i) for i in manifest.get("prefix_ids") or []]
+        self.suffix_ids: list[int] = [int(i) for i in manifest.get("suffix_ids") or []]
+        self.add_bos: bool = bool(manifest.get("add_bos", False))
+        self.quantization: str | None = manifest.get("quantization")
+        mp = manifest.get("max_position_embeddings")
+        self.max_positions: int | None = int(mp) if isinstance(mp, int) and mp > 0 else None
+        outputs = [o.name for o in session.get_outputs()]
+        self._outputs = ["pivot_states"] + (["pivot_logits"] if "pivot_logits" in outputs else [])
+        self.has_logits = "pivot_logits" in self._outputs
+
+    # -- loading ---------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, threads: int = 2, verify: bool = True) -> Backbone:
+        """Read manifest.json, tokenizer.json, backbone.onnx; check the fingerprint."""
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        d = Path(directory).expanduser()
+        manifest = read_manifest(d)
+        onnx_path = d / str(manifest.get("onnx_file") or DEFAULT_ONNX)
+        tok_path = d / str(manifest.get("tokenizer_file") or DEFAULT_TOKENIZER)
+        for p in (onnx_path, tok_path):
+            if not p.is_file():
+                raise BackboneError(f"backbone folder {str(d)!r} lacks {p.name}")
+        if verify:
+            actual = sha256_file(onnx_path)
+            if actual != manifest["fingerprint"]:
+                raise BackboneError(
+                    f"fingerprint mismatch: {onnx_path.name} has sha256 {actual[:16]}..., "
+                    f"the manifest says {manifest['fingerprint'][:16]}... (re-export the backbone)"
+                )
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises plain Exceptions
+            raise BackboneError(f"corrupt tokenizer {str(tok_path)!r}: {e}") from e
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(threads))
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Exception subclasses
+            raise BackboneError(f"cannot load {str(onnx_path)!r}: {e}") from e
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        if inputs != {"input_ids", "attention_mask"} or "pivot_states" not in outputs:
+            raise BackboneError(
+                f"{onnx_path.name} is not a pivot backbone graph (inputs {sorted(inputs)}, "
+                f"outputs {sorted(outputs)})"
+            )
+        return cls(d, manifest, tokenizer, session)
+
+    # -- tokenization ----------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` without any special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode(self, texts: Sequence[str], max_length: int = 128) -> list[list[int]]:
+        """Token ids with the model's special tokens, at most max_length each.
+
+        Truncation keeps what the pivot needs: a causal model (pivot = last
+        token) keeps the LAST tokens of the text (the prompt's suffix, e.g.
+        "Sentiment:"), and its BOS; an encoder (pivot = first token) keeps the
+        FIRST tokens, starting with CLS and ending with SEP.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a sequence of texts, not one string")
+        budget = int(max_length) - len(self.prefix_ids) - len(self.suffix_ids)
+        if budget < 1:
+            raise ValueError(
+                f"max_length {max_length} leaves no room for text next to the "
+                f"{len(self.prefix_ids) + len(self.suffix_ids)} special tokens"
+            )
+        if self.max_positions is not None and max_length > self.max_positions:
+            raise ValueError(f"max_length {max_length} exceeds the model's {self.max_positions} positions")
+        out = []
+        for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
+            ids = list(enc.ids)
+            if len(ids) > budget:
+                ids = ids[-budget:] if self.pivot == "last" else ids[:budget]
+            out.append(self.prefix_ids + ids + self.suffix_ids)
+        return out
+
+    # -- inference -------------------------------------------------------
+    def run(
+        self, token_ids: Sequence[Sequence[int]], batch_size: int = 8
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pivot states [N, L+1, d] and logits [N, V] (None without an LM head), float32.
+
+        Sequences are sorted by length and padded on the right per batch;
+        results come back in input order.
+        """
+        n = len(token_ids)
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        seqs: list[np.ndarray] = []
+        for i, s in enumerate(token_ids):
+            a = np.asarray(list(s))
+            if a.size == 0:
+                raise ValueError(f"sequence {i} is empty")
+            if a.dtype.kind not in "iu":
+                raise ValueError(f"sequence {i} holds non-integer token ids ({a.dtype})")
+            if a.min() < 0 or a.max() >= self.vocab_size:
+                raise ValueError(f"sequence {i} has token ids outside [0, {self.vocab_size})")
+            if self.max_positions is not None and a.size > self.max_positions:
+                raise ValueError(f"sequence {i} is longer ({a.size}) than the model's {self.max_positions} positions")
+            seqs.append(a.astype(np.int64))
+        states = np.empty((n, self.num_layers + 1, self.hidden_size), dtype=np.float32)
+        logits = np.empty((n, self.vocab_size), dtype=np.float32) if self.has_logits else None
+        order = sorted(range(n), key=lambda i: len(seqs[i]))
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            t = max(len(seqs[i]) for i in idx)
+            ids = np.full((len(idx), t), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), t), dtype=np.int64)
+            for row, i in enumerate(idx):
+                ids[row, : len(seqs[i])] = seqs[i]
+                mask[row, : len(seqs[i])] = 1
+            outs = self.session.run(self._outputs, {"input_ids": ids, "attention_mask": mask})
+            states[idx] = outs[0]
+            if logits is not None:
+                logits[idx] = outs[1]
+        return states, logits
+
+    def __repr__(self) -> str:
+        return (
+            f"Backbone({str(self.directory)!r}, {self.manifest.get('model_type')}, "
+            f"layers={self.num_layers}, width={self.hidden_size}, pivot={self.pivot}, "
+            f"quantization={self.quantization}, fingerprint={self.fingerprint[:12]}...)"
+        )

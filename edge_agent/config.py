@@ -1,0 +1,52 @@
+"""The edge agent's settings (TOML file, then SIDETUNE_EDGE_* environment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from schemas.settings import FileThenEnv
+from schemas.spec import HyperParams
+from schemas.topics import check_device_id
+
+
+class EdgeSettings(FileThenEnv):
+    model_config = SettingsConfigDict(env_prefix="SIDETUNE_EDGE_", extra="forbid")
+
+    device_id: str
+    #: The device's MQTT password (its user name is its device id).
+    password: str = ""
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=1883, gt=0, lt=65536)
+    broker_ca_file: str | None = None
+    #: Holds the secret, the ledger (SQLite), the outbox, the adapter and the inbox.
+    state_dir: Path
+    backbone_dir: Path
+    task_file: Path
+    threads: int = Field(default=2, ge=1, le=64)
+    max_length: int = Field(default=128, ge=8, le=4096)
+    batch_size: int = Field(default=8, ge=1, le=256)
+    #: A round starts once this many new samples wait (or on `sidetune edge train`).
+    min_new_samples: int = Field(default=200, ge=1)
+    #: Samples per activations message (fp16 SmolLM2: 35.7 KB each).
+    upload_batch: int = Field(default=64, ge=1, le=1024)
+    wire_dtype: str = Field(default="float16", pattern="^(float16|int8|float32)$")
+    #: Side network the device asks for.
+    bottleneck: int = Field(default=8, ge=1, le=1024)
+    out_dim: int = Field(default=8, ge=2, le=256, description="K, the width of the mixed targets")
+    taps: list[int] | None = None
+    noise_std: float = Field(default=0.25, ge=0.0, le=10.0)
+    hyper: HyperParams = HyperParams()
+    #: Optional held-out JSONL ({"text", "label"}) to evaluate each new adapter on.
+    holdout_file: Path | None = None
+    #: A round that hears nothing for this long is retried (the job is resent).
+    round_timeout: float = Field(default=600.0, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        check_device_id(v)
+        return v

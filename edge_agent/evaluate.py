@@ -1,0 +1,54 @@
+"""Predictions on the board: ``argmax(p_b + Mᵀ·g(A))``, and held-out accuracy."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.adapter import InstalledAdapter
+from edge_agent.features import FeatureExtractor
+from edge_agent.inbox import parse_jsonl
+from edge_agent.secret import DeviceSecret
+
+
+def probabilities(prior: np.ndarray, states: np.ndarray, adapter: InstalledAdapter | None,
+                  secret: DeviceSecret) -> np.ndarray:
+    """Scores ``p_b + Mᵀ·g(A)`` (N, C); the backbone's prior alone before any adapter."""
+    if adapter is None:
+        return prior
+    g = adapter.forward(states)  # (N, K)
+    return prior + secret.unmix(g, prior.shape[1]).astype(np.float32)
+
+
+@dataclass
+class Holdout:
+    labels: np.ndarray  # (N,)
+    prior: np.ndarray  # (N, C)
+    states: np.ndarray  # (N, L+1, d) float16 (kept small)
+
+    def accuracy(self, adapter: InstalledAdapter | None, secret: DeviceSecret) -> float:
+        scores = probabilities(self.prior, self.states.astype(np.float32), adapter, secret)
+        return float(np.mean(scores.argmax(axis=1) == self.labels))
+
+
+def load_holdout(path: Path, fx: FeatureExtractor, cache_dir: Path) -> Holdout:
+    """Features of a held-out JSONL file, computed once and cached next to the ledger."""
+    digest = hashlib.sha256(path.read_bytes() + fx.backbone.fingerprint.encode()).hexdigest()[:16]
+    cached = cache_dir / f"holdout-{digest}.npz"
+    if cached.exists():
+        with np.load(cached, allow_pickle=False) as z:
+            return Holdout(z["labels"], z["prior"], z["states"])
+    parsed = parse_jsonl(path, fx.task.classes)
+    if not parsed.good:
+        raise ValueError(f"held-out file {path} has no usable lines: {parsed.errors[:3]}")
+    texts = [t for t, _ in parsed.good]
+    labels = np.array([fx.task.label_index(y) for _, y in parsed.good])
+    f = fx.extract(texts)
+    h = Holdout(labels, f.prior, f.states.astype(np.float16))
+    tmp = cached.with_suffix(".tmp.npz")
+    np.savez(tmp, labels=h.labels, prior=h.prior, states=h.states)
+    tmp.replace(cached)
+    return h

@@ -1,0 +1,63 @@
+"""The device secret: the HMAC key of sample keys and the mixing matrix M.
+
+Created on first start in the state directory (mode 0600) and never sent.
+``M`` (K×C) has orthonormal columns; the other K−C directions of a random
+orthogonal basis carry noise, so the server sees ``M·(onehot(y) − p_b) + noise``
+and learns neither which class is which nor how many there are. It still sees
+the class partition (DESIGN.md §2.5): this is not label differential privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DeviceSecret:
+    key: bytes
+    basis: np.ndarray  # (K, K) orthogonal; first C columns are M
+
+    def mixing(self, num_classes: int) -> np.ndarray:
+        """M: (K, C)."""
+        return self.basis[:, :num_classes]
+
+    def targets(self, labels: np.ndarray, prior: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+        """``M·(onehot(y) − p_b) + Q_⊥·ε`` for each sample: (N, K) float32."""
+        n, c = prior.shape
+        residual = np.eye(c, dtype=np.float64)[labels] - prior  # (N, C)
+        t = residual @ self.mixing(c).T  # (N, K)
+        rest = self.basis[:, c:]  # (K, K−C)
+        if rest.shape[1] and noise_std > 0:
+            t = t + rng.normal(0.0, noise_std, size=(n, rest.shape[1])) @ rest.T
+        return t.astype(np.float32)
+
+    def unmix(self, g: np.ndarray, num_classes: int) -> np.ndarray:
+        """Mᵀ·g: (N, K) → (N, C)."""
+        return g @ self.mixing(num_classes)
+
+
+def load_or_create(state_dir: Path, out_dim: int) -> DeviceSecret:
+    path = state_dir / "secret.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        basis = np.asarray(data["basis"], dtype=np.float64)
+        if basis.shape != (out_dim, out_dim):
+            raise ValueError(f"{path} holds a {basis.shape[0]}-wide secret but out_dim is {out_dim}; "
+                             "keep out_dim, or start a new state directory")
+        return DeviceSecret(bytes.fromhex(data["key"]), basis)
+    rng = np.random.default_rng(int.from_bytes(secrets.token_bytes(16), "little"))
+    q, r = np.linalg.qr(rng.normal(size=(out_dim, out_dim)))
+    q = q * np.sign(np.diag(r))  # a uniformly random orthogonal matrix
+    key = secrets.token_bytes(32)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key": key.hex(), "basis": q.tolist()}, f)
+    os.replace(tmp, path)
+    return DeviceSecret(key, q)
