@@ -56,10 +56,14 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise BackboneError(f"corrupt manifest {str(path)!r}: unknown pivot {manifest['pivot']!r}")
     fp = manifest["fingerprint"]
     if not (isinstance(fp, str) and len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)):
-        raise BackboneError(f"corrupt manifest {str(path)!r}: fingerprint is not a sha256 hex digest")
+        raise BackboneError(
+            f"corrupt manifest {str(path)!r}: fingerprint is not a sha256 hex digest"
+        )
     for k in ("num_layers", "hidden_size", "vocab_size", "pad_token_id"):
         if not isinstance(manifest[k], int) or isinstance(manifest[k], bool) or manifest[k] < 0:
-            raise BackboneError(f"corrupt manifest {str(path)!r}: {k} must be a non-negative integer")
+            raise BackboneError(
+                f"corrupt manifest {str(path)!r}: {k} must be a non-negative integer"
+            )
     return manifest
 
 
@@ -153,7 +157,9 @@ class Backbone:
                 f"{len(self.prefix_ids) + len(self.suffix_ids)} special tokens"
             )
         if self.max_positions is not None and max_length > self.max_positions:
-            raise ValueError(f"max_length {max_length} exceeds the model's {self.max_positions} positions")
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's {self.max_positions} positions"
+            )
         out = []
         for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=False):
             ids = list(enc.ids)
@@ -184,7 +190,9 @@ class Backbone:
             if a.min() < 0 or a.max() >= self.vocab_size:
                 raise ValueError(f"sequence {i} has token ids outside [0, {self.vocab_size})")
             if self.max_positions is not None and a.size > self.max_positions:
-                raise ValueError(f"sequence {i} is longer ({a.size}) than the model's {self.max_positions} positions")
+                raise ValueError(
+                    f"sequence {i} is longer ({a.size}) than the model's {self.max_positions} positions"
+                )
             seqs.append(a.astype(np.int64))
         states = np.empty((n, self.num_layers + 1, self.hidden_size), dtype=np.float32)
         logits = np.empty((n, self.vocab_size), dtype=np.float32) if self.has_logits else None

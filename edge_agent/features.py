@@ -1,10 +1,10 @@
 """Per-sample features the device computes once: pivot states of every layer + the prior.
 
-    fx = FeatureExtractor(backbone, task, max_length=128, batch_size=8)
-    f = fx.extract(["a fine film", "a dull one"])
-    f.token_ids  # list[list[int]]  (what the sample key is derived from)
-    f.states     # float32 [N, L+1, d]  (index 0 = embedding output)
-    f.prior      # float32 [N, C]  softmax over the verbalizer logits (uniform without a head)
+fx = FeatureExtractor(backbone, task, max_length=128, batch_size=8)
+f = fx.extract(["a fine film", "a dull one"])
+f.token_ids  # list[list[int]]  (what the sample key is derived from)
+f.states     # float32 [N, L+1, d]  (index 0 = embedding output)
+f.prior      # float32 [N, C]  softmax over the verbalizer logits (uniform without a head)
 """
 
 from __future__ import annotations
@@ -46,13 +46,17 @@ class Features:
 
 
 class FeatureExtractor:
-    def __init__(self, backbone: Backbone, task: TaskSpec, max_length: int = 128, batch_size: int = 8):
+    def __init__(
+        self, backbone: Backbone, task: TaskSpec, max_length: int = 128, batch_size: int = 8
+    ):
         self.backbone = backbone
         self.task = task
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         # Checked up front: a bad verbalizer is a configuration error, not a per-sample one.
-        self.verbalizer_ids: list[int] | None = task.verbalizer_ids(backbone) if backbone.has_logits else None
+        self.verbalizer_ids: list[int] | None = (
+            task.verbalizer_ids(backbone) if backbone.has_logits else None
+        )
         backbone.encode(["x"], self.max_length)  # validates max_length against the model
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:

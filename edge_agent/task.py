@@ -55,7 +55,9 @@ class TaskSpec:
         if not isinstance(self.template, str):
             raise TaskError(f"task {self.name!r}: template must be a string")
         if PLACEHOLDER not in self.template:
-            raise TaskError(f"task {self.name!r}: template {self.template!r} has no {PLACEHOLDER} placeholder")
+            raise TaskError(
+                f"task {self.name!r}: template {self.template!r} has no {PLACEHOLDER} placeholder"
+            )
         classes = _str_list(self.classes, f"task {self.name!r}: classes")
         verbalizers = _str_list(self.verbalizers, f"task {self.name!r}: verbalizers")
         object.__setattr__(self, "classes", classes)
@@ -76,7 +78,9 @@ class TaskSpec:
             raise TaskError(f"task {self.name!r}: verbalizers must be non-empty words")
         dup = sorted({v for v in verbalizers if verbalizers.count(v) > 1})
         if dup:
-            raise TaskError(f"task {self.name!r}: duplicate verbalizers: {', '.join(map(repr, dup))}")
+            raise TaskError(
+                f"task {self.name!r}: duplicate verbalizers: {', '.join(map(repr, dup))}"
+            )
 
     # -- construction ----------------------------------------------------
     @classmethod
@@ -146,14 +150,16 @@ class TaskSpec:
         try:
             return self.classes.index(label)
         except ValueError:
-            raise TaskError(f"task {self.name!r}: unknown class {label!r} (classes: {', '.join(self.classes)})") from None
+            raise TaskError(
+                f"task {self.name!r}: unknown class {label!r} (classes: {', '.join(self.classes)})"
+            ) from None
 
     def verbalizer_ids(self, backbone: Any) -> list[int]:
         """One token id per class; TaskError unless each verbalizer is exactly one known token."""
         tok = backbone.tokenizer
         unk = backbone.manifest.get("unk_token_id") if hasattr(backbone, "manifest") else None
         ids: list[int] = []
-        for cls_name, word in zip(self.classes, self.verbalizers):
+        for cls_name, word in zip(self.classes, self.verbalizers, strict=True):
             enc = tok.encode(word, add_special_tokens=False)
             if len(enc.ids) != 1:
                 raise TaskError(
@@ -167,5 +173,7 @@ class TaskSpec:
                 )
             ids.append(int(enc.ids[0]))
         if len(set(ids)) != len(ids):
-            raise TaskError(f"task {self.name!r}: verbalizers {list(self.verbalizers)} map to the same tokens {ids}")
+            raise TaskError(
+                f"task {self.name!r}: verbalizers {list(self.verbalizers)} map to the same tokens {ids}"
+            )
         return ids

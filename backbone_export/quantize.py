@@ -1,0 +1,62 @@
+"""Dynamic int8 quantization of an exported graph (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+
+QUANT_CHOICES = ("int8",)
+# Per-channel weights: on SmolLM2-135M (240 Rotten Tomatoes prompts) the last
+# layer's pivot state keeps cosine 0.92 to fp32 (per-tensor: 0.89) and the
+# zero-shot prior 0.68 accuracy (per-tensor: 0.58, fp32: 0.76); same size.
+INT8_SETTINGS: dict[str, Any] = {"weight_type": "QInt8", "per_channel": True}
+
+
+def check_quantize(quantize: str | None) -> str | None:
+    if quantize is None or quantize in ("", "none", "fp32", "float32"):
+        return None
+    q = quantize.lower()
+    if q not in QUANT_CHOICES:
+        raise ExportError(
+            f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANT_CHOICES)}"
+        )
+    return q
+
+
+class _DropAdvice(logging.Filter):
+    """onnxruntime.quantization logs advice on the root logger; keep real warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
+    """MatMul/Gather weights to int8 (per channel), activations quantized on the fly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    # logging.warning() would call basicConfig() on a handler-less root: avoid
+    # leaving a handler behind in the caller's process.
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    drop = _DropAdvice()
+    root.addFilter(drop)
+    try:
+        quantize_dynamic(
+            model_input=str(src),
+            model_output=str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=bool(INT8_SETTINGS["per_channel"]),
+            use_external_data_format=False,
+        )
+    except Exception as e:  # onnxruntime raises plain Exceptions here
+        raise ExportError(f"int8 quantization failed: {e}") from e
+    finally:
+        root.removeFilter(drop)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+    return dict(INT8_SETTINGS)
