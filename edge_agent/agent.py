@@ -54,6 +54,7 @@ class Round:
     started: float
     last_heard: float
     uploaded: dict[str, float] = field(default_factory=dict)  # key -> when queued
+    training: bool = False
 
 
 class EdgeAgent:
@@ -206,6 +207,7 @@ class EdgeAgent:
             f = self.fx.from_token_ids([s.token_ids for s in part])
             self.ledger.set_features([(s.key, f.prior[j], f.states[j]) for j, s in enumerate(part)])
             passes += len(part)
+            self.ledger.set_meta("activity", f"forward passes {passes}/{len(fresh)}")
             log.info("forward passes: %d/%d", passes, len(fresh))
         everything = self.ledger.samples("prior IS NOT NULL")
         n_new = sum(1 for _ in self.ledger.samples("round IS NULL AND prior IS NOT NULL"))
@@ -269,6 +271,9 @@ class EdgeAgent:
             self._upload(r, list(msg.missing))
         elif isinstance(msg, Progress):
             if msg.state == "training":
+                if not r.training:
+                    self.ledger.update_round(r.number, state="training")
+                    r.training = True
                 log.info("round %d: epoch %d/%d train loss %.4f val loss %s", r.number, msg.epoch, msg.epochs,
                          msg.train_loss or 0.0, f"{msg.val_loss:.4f}" if msg.val_loss is not None else "-")
             elif msg.state == "failed":

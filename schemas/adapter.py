@@ -17,8 +17,8 @@ class AdapterUpdate(Message):
     KIND: ClassVar[str] = "adapter"
 
     job_id: JobId
-    version: int = Field(ge=1)
-    base_version: int = Field(default=0, ge=0)
+    version: int = Field(ge=1, le=2**31)
+    base_version: int = Field(default=0, ge=0, le=2**31)
     backbone_fingerprint: Fingerprint
     spec: SideNetSpec
     #: safetensors bytes: the side network's weights only.

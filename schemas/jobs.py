@@ -24,7 +24,7 @@ class Job(Message):
     backbone_fingerprint: Fingerprint
     spec: SideNetSpec
     hyper: HyperParams = HyperParams()
-    base_adapter_version: int = Field(default=0, ge=0, description="0: start from a fresh side network")
+    base_adapter_version: int = Field(default=0, ge=0, le=2**31, description="0: start from a fresh side network")
     keys: tuple[SampleKey, ...] = Field(min_length=1, max_length=MAX_JOB_SAMPLES)
     targets: WireTensor
 

@@ -16,7 +16,7 @@ class DeviceStatus(Message):
 
     state: Literal["online", "offline"]
     agent_version: Version
-    adapter_version: int = Field(default=0, ge=0)
+    adapter_version: int = Field(default=0, ge=0, le=2**31)
     backbone_fingerprint: Fingerprint | None = None
 
 

@@ -24,6 +24,10 @@ from schemas.limits import MAX_TENSOR_ELEMENTS, MAX_TENSOR_NDIM
 
 DType = Literal["float32", "float16", "int8"]
 _NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
+#: Largest int8 scale: 127 · scale stays a finite float32 (with room for rounding).
+MAX_SCALE = float(np.finfo(np.float32).max) / 128.0
+#: Smallest: a scale that is a float32 subnormal loses the values it should carry.
+MIN_SCALE = float(np.finfo(np.float32).tiny)
 
 
 class WireTensor(BaseModel):
@@ -59,12 +63,12 @@ class WireTensor(BaseModel):
         if self.dtype == "int8":
             if self.scale is None:
                 raise ValueError("an int8 tensor needs its per-vector scales")
-            vectors = n // self.shape[-1] if self.shape[-1] else 0
+            vectors = math.prod(self.shape[:-1])
             if len(self.scale) != 4 * vectors:
                 raise ValueError(f"int8 tensor of shape {list(self.shape)} needs {vectors} scales, got {len(self.scale) / 4:g}")
             s = np.frombuffer(self.scale, dtype="<f4")
-            if not (np.all(np.isfinite(s)) and np.all(s > 0)):
-                raise ValueError("int8 scales must be finite and positive")
+            if not (np.all(np.isfinite(s)) and np.all(s >= MIN_SCALE) and np.all(s <= MAX_SCALE)):
+                raise ValueError(f"int8 scales must be finite and positive, within [{MIN_SCALE:.3g}, {MAX_SCALE:.3g}]")
         else:
             if self.scale is not None:
                 raise ValueError(f"a {self.dtype} tensor carries no scales")
@@ -75,17 +79,21 @@ class WireTensor(BaseModel):
     @classmethod
     def from_array(cls, x: np.ndarray, dtype: DType = "float32") -> WireTensor:
         """Encode a float array; raises ``ValueError`` on NaN/inf or out-of-range values."""
-        x = np.asarray(x, dtype=np.float32)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("cannot encode NaN or infinite values")
-        if dtype == "int8":
-            if x.ndim == 0:
-                raise ValueError("an int8 tensor needs at least one dimension")
-            amax = np.max(np.abs(x), axis=-1, keepdims=True) if x.shape[-1] else np.ones(x.shape[:-1] + (1,), np.float32)
-            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-            q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-            return cls(dtype="int8", shape=tuple(x.shape), data=q.tobytes(), scale=scale.astype("<f4").tobytes())
-        y = x.astype(_NP[dtype])
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
+            x = np.asarray(x, dtype=np.float32)
+            if not np.all(np.isfinite(x)):
+                raise ValueError("cannot encode NaN or infinite values (or values beyond float32)")
+            if dtype == "int8":
+                if x.ndim == 0:
+                    raise ValueError("an int8 tensor needs at least one dimension")
+                if x.shape[-1]:
+                    amax = np.max(np.abs(x).astype(np.float64), axis=-1, keepdims=True)
+                else:
+                    amax = np.zeros(x.shape[:-1] + (1,))
+                scale = np.clip(amax / 127.0, MIN_SCALE, MAX_SCALE)  # float64: no overflow, no zero
+                q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+                return cls(dtype="int8", shape=tuple(x.shape), data=q.tobytes(), scale=scale.astype("<f4").tobytes())
+            y = x.astype(_NP[dtype])
         if not np.all(np.isfinite(y)):
             raise ValueError(f"values exceed the {dtype} range")
         return cls(dtype=dtype, shape=tuple(x.shape), data=y.tobytes())
@@ -96,7 +104,7 @@ class WireTensor(BaseModel):
         if self.dtype == "int8":
             assert self.scale is not None
             s = np.frombuffer(self.scale, dtype="<f4").reshape(self.shape[:-1] + (1,))
-            return raw.astype(np.float32) * s
+            return (raw.astype(np.float32) * s).astype(np.float32)
         return raw.astype(np.float32)
 
     @property

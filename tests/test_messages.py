@@ -584,8 +584,6 @@ def test_fp16_inf_in_activations():
     reject(t, join(header, [x.tobytes()]), "invalid", "tensor holds NaN or infinite values")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG schemas/tensors.py: an int8 scale above float32 max/127 is accepted, so a "
-                   "decoded activation batch yields inf from states.to_array()")
 def test_int8_scale_that_overflows_is_rejected():
     t, p = encode(EXAMPLES["activations"])
     header, blobs = split(p)

@@ -1,0 +1,221 @@
+"""``sidetune demo``: the whole product on one machine, on the real model and data.
+
+mosquitto and redis-server run as child processes on free loopback ports
+(per-device accounts and ACLs from ``broker_config/``), one side-server worker
+and N edge agents run as separate ``sidetune`` processes, each agent with its
+own shard of the Rotten Tomatoes snippets and its own held-out shard. Two
+rounds: round 1 on each device's first samples, round 2 after fresh samples
+arrive (round 1's samples then come from the server's cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent.ledger import Ledger
+from sidetune.data import Review, load_reviews, shards
+from sidetune.services import SERVER_USER, Mosquitto, RedisServer
+
+TASK = '''name = "rotten-tomatoes"
+template = "Review: {text}\\nSentiment:"
+classes = ["fresh", "rotten"]
+verbalizers = [" positive", " negative"]
+'''
+ROUND_TIMEOUT = 3600.0
+
+
+def default_backbone_dir() -> Path:
+    home = Path(os.environ.get("SIDETUNE_HOME", Path.home() / ".cache" / "sidetune"))
+    return home / "backbones" / "smollm2-135m"
+
+
+def ensure_backbone(path: Path | None) -> Path:
+    """Reuse an exported backbone, or export SmolLM2-135M there on first use."""
+    target = path or default_backbone_dir()
+    if (target / "manifest.json").exists():
+        print(f"[demo] reusing the backbone in {target}")
+        return target
+    if path is not None and path.exists() and any(path.iterdir()):
+        raise SystemExit(f"sidetune demo: {path} is not an exported backbone (no manifest.json)")
+    print(f"[demo] exporting SmolLM2-135M-Instruct to {target} (first run only, ~1 min)")
+    from backbone_export import export_backbone
+
+    export_backbone("smollm2-135m", target, progress=lambda m: print(f"[export] {m}", flush=True))
+    return target
+
+
+def _jsonl(path: Path, rows: list[Review]) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text("".join(json.dumps(r.as_json()) + "\n" for r in rows))
+    tmp.replace(path)  # the agent never sees a half-written file
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    f = open(log, "ab")
+    return subprocess.Popen([sys.executable, "-m", "sidetune.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.devices < 1 or args.samples < 2 or args.holdout < 1 or args.epochs < 1:
+        raise SystemExit("sidetune demo: --devices, --samples, --holdout and --epochs must be positive")
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sidetune-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"[demo] working in {work}")
+    reviews = load_reviews()
+    data = shards(reviews, args.devices, args.samples, args.holdout)
+    backbone = ensure_backbone(Path(args.backbone) if args.backbone else None)
+    manifest = json.loads((backbone / "manifest.json").read_text())
+
+    devices = [f"board-{i + 1}" for i in range(args.devices)]
+    accounts = {SERVER_USER: secrets.token_hex(12), **{d: secrets.token_hex(12) for d in devices}}
+    broker = Mosquitto(work / "mosquitto", accounts).start()
+    cache = RedisServer(work / "redis").start()
+    print(f"[demo] mosquitto on 127.0.0.1:{broker.port}, redis-server on 127.0.0.1:{cache.port}")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        server_conf = work / "server.toml"
+        server_conf.write_text(
+            f'broker_port = {broker.port}\nbroker_username = "{SERVER_USER}"\n'
+            f'broker_password = "{accounts[SERVER_USER]}"\nredis_url = "{cache.url}"\n'
+            f'worker_id = "demo-worker-1"\ntorch_threads = 1\n')
+        procs.append(_spawn(["server", "--config", str(server_conf)], work / "server.log"))
+        (work / "task.toml").write_text(TASK)
+        states = {}
+        threads = max(1, (os.cpu_count() or 2) // args.devices)
+        for dev, (_, held) in zip(devices, data):
+            state = work / dev
+            (state / "inbox").mkdir(parents=True, exist_ok=True)
+            _jsonl(work / f"{dev}-holdout.jsonl", held)
+            conf = work / f"{dev}.toml"
+            conf.write_text(
+                f'device_id = "{dev}"\npassword = "{accounts[dev]}"\nbroker_port = {broker.port}\n'
+                f'state_dir = "{state}"\nbackbone_dir = "{backbone}"\ntask_file = "{work / "task.toml"}"\n'
+                f'holdout_file = "{work / f"{dev}-holdout.jsonl"}"\nthreads = {threads}\n'
+                f'min_new_samples = 1000000\nround_timeout = 900\n\n[hyper]\nepochs = {args.epochs}\n')
+            procs.append(_spawn(["edge", "run", "--config", str(conf)], work / f"{dev}.log"))
+            states[dev] = state
+        first = max(1, args.samples * 5 // 8)
+        results: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
+        for rnd, (lo, hi) in enumerate(((0, first), (first, args.samples)), start=1):
+            if hi <= lo:
+                continue
+            print(f"[demo] round {rnd}: {hi - lo} fresh samples per device (each device holds {hi} by its end)")
+            for dev, (train, _) in zip(devices, data):
+                _jsonl(states[dev] / "inbox" / f"round{rnd}.jsonl", train[lo:hi])
+            _wait_inbox(states, procs)
+            for dev in devices:
+                (states[dev] / "train.request").touch()
+            rows = _follow(states, rnd, procs)
+            for dev in devices:
+                results[dev].append(rows[dev])
+        _print_table(results)
+        report = {
+            "backbone": {k: manifest[k] for k in ("fingerprint", "num_layers", "hidden_size")},
+            "devices": [{"device_id": d, "rounds": results[d]} for d in devices],
+        }
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"[demo] wrote {args.json}")
+        ok = all(r["state"] == "done" for d in devices for r in results[d])
+        return 0 if ok else 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        broker.stop()
+        cache.stop()
+        if not args.workdir and not os.environ.get("SIDETUNE_KEEP_DEMO"):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is not None:
+            raise SystemExit(f"sidetune demo: a child process ({' '.join(map(str, p.args[3:5]))}) exited with "
+                             f"code {p.returncode}; see its log in the work folder")
+
+
+def _wait_inbox(states: dict[str, Path], procs: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        _alive(procs)
+        if all((s / "state.db").exists() and not list((s / "inbox").glob("*.jsonl")) for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise SystemExit("sidetune demo: the agents did not read their inbox within 5 minutes")
+
+
+def _follow(states: dict[str, Path], rnd: int, procs: list[subprocess.Popen[bytes]]) -> dict[str, dict[str, Any]]:
+    """Wait for every device's round ``rnd`` to end, printing progress."""
+    start = time.monotonic()
+    last_line = ""
+    while time.monotonic() - start < ROUND_TIMEOUT:
+        _alive(procs)
+        rows: dict[str, dict[str, Any]] = {}
+        parts = []
+        for dev, state in states.items():
+            led = Ledger(state / "state.db")
+            try:
+                row = next((r for r in led.rounds() if r["round"] == rnd), None)
+                new = led.count_new()
+                out = led.outbox_size()
+                activity = led.get_meta("activity") or f"{new} new samples"
+            finally:
+                led.close()
+            if row is None:
+                parts.append(f"{dev}: {activity}")
+                continue
+            rows[dev] = row
+            parts.append(f"{dev}: {row['state']} (up {row['bytes_up'] / 1e6:.1f} MB, outbox {out})")
+        line = f"[demo] round {rnd}, {time.monotonic() - start:5.0f} s: " + "; ".join(parts)
+        if line.split(": ", 1)[1] != last_line:
+            print(line, flush=True)
+            last_line = line.split(": ", 1)[1]
+        if len(rows) == len(states) and all(r["state"] in ("done", "failed") for r in rows.values()):
+            return {dev: _clean(r) for dev, r in rows.items()}
+        time.sleep(1.0)
+    raise SystemExit(f"sidetune demo: round {rnd} did not finish within {ROUND_TIMEOUT:.0f} s")
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("round", "state", "samples", "new_samples", "forward_passes", "bytes_up", "bytes_down",
+            "zero_shot_accuracy", "tuned_accuracy", "seconds", "adapter_version", "detail")
+    out = {k: row.get(k) for k in keys}
+    if out["seconds"] is not None:
+        out["seconds"] = round(float(out["seconds"]), 1)
+    return out
+
+
+def _print_table(results: dict[str, list[dict[str, Any]]]) -> None:
+    head = ("device", "round", "samples", "new", "fwd passes", "MB up", "B up/new", "KB down", "zero-shot",
+            "tuned", "seconds")
+    print()
+    print("  ".join(f"{h:>10s}" for h in head))
+    for dev, rounds in results.items():
+        for r in rounds:
+            if r["state"] != "done":
+                print(f"{dev:>10s}  {r['round']:>10}  FAILED: {r.get('detail')}")
+                continue
+            per_new = r["bytes_up"] / max(r["new_samples"], 1)
+            cells = (dev, r["round"], r["samples"], r["new_samples"], r["forward_passes"],
+                     f"{r['bytes_up'] / 1e6:.2f}", f"{per_new:.0f}", f"{r['bytes_down'] / 1e3:.1f}",
+                     f"{r['zero_shot_accuracy']:.3f}", f"{r['tuned_accuracy']:.3f}", f"{r['seconds']:.0f}")
+            print("  ".join(f"{c!s:>10s}" for c in cells))
+    print()
