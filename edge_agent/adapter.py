@@ -34,10 +34,11 @@ def install(state_dir: Path, update: AdapterUpdate) -> None:
     """Write weights then metadata, each via a temporary file and rename: a crash leaves the old one whole."""
     d = state_dir / "adapter"
     d.mkdir(exist_ok=True)
+    weights_name = f"v{update.version}.safetensors"
     meta = {"version": update.version, "job_id": update.job_id, "spec": update.spec.model_dump(mode="json"),
             "backbone_fingerprint": update.backbone_fingerprint, "metrics": update.metrics,
-            "weights": f"v{update.version}.safetensors"}
-    _atomic_write(d / meta["weights"], update.weights)
+            "weights": weights_name}
+    _atomic_write(d / weights_name, update.weights)
     _atomic_write(d / "current.json", json.dumps(meta, indent=1).encode())
 
 

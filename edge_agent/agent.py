@@ -236,11 +236,11 @@ class EdgeAgent:
         if row is None:
             return
         if row["state"] == "preparing" or not row.get("job_payload"):
-            self.ledger.update_round(int(row["round"]), state="failed", detail="agent stopped before the job was sent")  # type: ignore[arg-type]
+            self.ledger.update_round(int(row["round"]), state="failed", detail="agent stopped before the job was sent")
             return
-        job = decode(topic(self.s.device_id, "jobs"), row["job_payload"])  # type: ignore[arg-type]
+        job = decode(topic(self.s.device_id, "jobs"), row["job_payload"])
         assert isinstance(job, Job)
-        self.round = Round(int(row["round"]), job, float(row["started"] or time.time()), time.time())  # type: ignore[arg-type]
+        self.round = Round(int(row["round"]), job, float(row["started"] or time.time()), time.time())
         log.info("resuming round %d (job %s); asking the server where it stands", self.round.number, job.job_id)
         self._resend_job()
 

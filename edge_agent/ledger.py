@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,14 +137,14 @@ class Ledger:
             db.execute("UPDATE rounds SET forward_passes=forward_passes+?, bytes_up=bytes_up+?, bytes_down=bytes_down+? "
                        "WHERE round=?", (forward_passes, bytes_up, bytes_down, rnd))
 
-    def open_round(self) -> dict[str, object] | None:
+    def open_round(self) -> dict[str, Any] | None:
         with self._lock:
             row = self.db.execute(
                 f"SELECT {', '.join(ROUND_FIELDS)}, job_payload FROM rounds WHERE state NOT IN ('done', 'failed') "
                 "ORDER BY round DESC LIMIT 1").fetchone()
         return None if row is None else dict(zip((*ROUND_FIELDS, "job_payload"), row))
 
-    def rounds(self) -> list[dict[str, object]]:
+    def rounds(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self.db.execute(f"SELECT {', '.join(ROUND_FIELDS)} FROM rounds ORDER BY round").fetchall()
         return [dict(zip(ROUND_FIELDS, r)) for r in rows]

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from schemas.limits import MAX_TEXT, SCHEMA_VERSION
+from schemas.limits import MAX_TEXT
 from schemas.spec import FINGERPRINT_PATTERN
 from schemas.topics import DEVICE_ID_PATTERN
 
@@ -30,7 +30,7 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     KIND: ClassVar[str]
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1  # SCHEMA_VERSION
     device_id: DeviceId
     msg_id: MsgId = Field(default_factory=new_msg_id)
     sent_at: float = Field(default_factory=time.time, ge=0, le=1e11)

@@ -7,10 +7,10 @@ side_server/config.py); this helper gives them the same precedence
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tomllib
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 

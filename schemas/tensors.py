@@ -15,7 +15,7 @@ float32 back.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from schemas.limits import MAX_TENSOR_ELEMENTS, MAX_TENSOR_NDIM
 
 DType = Literal["float32", "float16", "int8"]
-_NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
+_NP: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 #: Largest int8 scale: 127 · scale stays a finite float32 (with room for rounding).
 MAX_SCALE = float(np.finfo(np.float32).max) / 128.0
 #: Smallest: a scale that is a float32 subnormal loses the values it should carry.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def _key(i: int) -> str:
     return hashlib.sha256(f"sample {i}".encode()).hexdigest()
 
 
-def _common(i: int) -> dict[str, object]:
+def _common(i: int) -> dict[str, Any]:
     return {"device_id": DEVICE, "msg_id": f"{i:032x}", "sent_at": 1764000000.0 + i}
 
 

@@ -9,6 +9,7 @@ them sooner); a gone key is simply reported missing and the board asked again.
 from __future__ import annotations
 
 import struct
+from typing import cast
 
 import numpy as np
 import redis
@@ -65,7 +66,7 @@ class ActivationCache:
                 if blob is None:
                     gone.append(k)
                     continue
-                rows.append(_decode_row(blob)[idx])
+                rows.append(_decode_row(cast(bytes, blob))[idx])
         if gone:
             return None, gone
         return np.stack(rows), []

@@ -14,6 +14,8 @@ The board's numpy twin is ``edge_agent/sidenet.py`` (parity-tested).
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,7 @@ class SideNet(nn.Module):
         self.out = nn.Linear(d, spec.out_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.taps: torch.Tensor
         self.register_buffer("taps", torch.tensor(spec.taps, dtype=torch.long), persistent=False)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
@@ -63,14 +66,21 @@ class SideNet(nn.Module):
         if self.spec.norm == "layernorm":
             a = F.layer_norm(a, a.shape[-1:], eps=LN_EPS)
         h = a[:, 0]
-        for j, block in enumerate(self.ladder):
-            if j == 0:
+        for j, block in enumerate(self.blocks()):
+            if j == 0 or block.alpha is None:
                 s = h
             else:
                 mu = torch.sigmoid(block.alpha)
                 s = (1 - mu) * a[:, j] + mu * h
             h = s + block.up(_act(self.spec.activation, block.down(s)))  # (B, d)
         return self.out(F.layer_norm(h, h.shape[-1:], eps=LN_EPS))  # (B, K)
+
+    def blocks(self) -> list[LadderBlock]:
+        return cast(list[LadderBlock], list(self.ladder))
+
+    def gates(self) -> list[float]:
+        """μ_j of the gated taps (the prototype saw them stay near 0.5)."""
+        return [float(torch.sigmoid(b.alpha).item()) for b in self.blocks() if b.alpha is not None]
 
     # ------------------------------------------------------------ adapter bytes
 

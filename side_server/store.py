@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
 
@@ -71,7 +72,7 @@ class JobStore:
         return True
 
     def get(self, device: str, job_id: str) -> JobRecord | None:
-        h = self.r.hgetall(f"st:job:{device}:{job_id}")
+        h = cast(dict[bytes, bytes], self.r.hgetall(f"st:job:{device}:{job_id}"))
         if not h or b"payload" not in h or b"state" not in h:
             return None
         job = decode(f"sidetune/v1/{device}/jobs", h[b"payload"])
@@ -103,7 +104,7 @@ class JobStore:
 
     def ready(self) -> list[tuple[str, str]]:
         out = []
-        for m in self.r.zrange("st:ready", 0, 50):
+        for m in cast(list[bytes], self.r.zrange("st:ready", 0, 50)):
             dev, _, job = m.decode().partition("/")
             out.append((dev, job))
         return out
@@ -133,7 +134,7 @@ class JobStore:
         self.r.set(f"st:ckpt:{device}:{job_id}", blob)
 
     def checkpoint(self, device: str, job_id: str) -> bytes | None:
-        b = self.r.get(f"st:ckpt:{device}:{job_id}")
+        b = cast(bytes | None, self.r.get(f"st:ckpt:{device}:{job_id}"))
         return bytes(b) if b is not None else None
 
     def assign_version(self, device: str, job_id: str) -> int:
@@ -151,8 +152,8 @@ class JobStore:
         self.r.set(f"st:adapter:{device}:{version}", weights)
 
     def adapter(self, device: str, version: int) -> bytes | None:
-        b = self.r.get(f"st:adapter:{device}:{version}")
+        b = cast(bytes | None, self.r.get(f"st:adapter:{device}:{version}"))
         return bytes(b) if b is not None else None
 
     def save_status(self, device: str, fields: dict[str, str | int | float]) -> None:
-        self.r.hset(f"st:status:{device}", mapping=fields)
+        self.r.hset(f"st:status:{device}", mapping=cast(dict[Any, Any], fields))

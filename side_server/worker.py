@@ -273,7 +273,7 @@ class Worker:
             metrics["train_loss"] = reports[-1].train_loss
             if reports[-1].val_loss is not None:
                 metrics["val_loss"] = reports[-1].val_loss
-        gates = [float(torch.sigmoid(b.alpha).item()) for b in net.ladder if b.alpha is not None]
+        gates = net.gates()
         if gates:
             metrics["mean_gate"] = float(np.mean(gates))
         self._send(AdapterUpdate(device_id=device, job_id=job_id, version=version,

@@ -148,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _alive(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is not None:
-            raise SystemExit(f"sidetune demo: a child process ({' '.join(map(str, p.args[3:5]))}) exited with "
+            raise SystemExit(f"sidetune demo: a child process ({p.args!s:.120}) exited with "
                              f"code {p.returncode}; see its log in the work folder")
 
 
@@ -203,7 +203,7 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _print_table(results: dict[str, list[dict[str, Any]]]) -> None:
+def _print_table(results: dict[str, list[dict[str, Any]]]) -> None:  # rows are plain JSON values
     head = ("device", "round", "samples", "new", "fwd passes", "MB up", "B up/new", "KB down", "zero-shot",
             "tuned", "seconds")
     print()

@@ -9,7 +9,14 @@ import pytest
 from edge_agent.agent import EdgeAgent
 from sidetune.services import SERVER_USER
 from tests.loop_helpers import (
-    AgentThread, edge_settings, make_samples, round_state, server_settings, start_worker, wait_for, write_jsonl,
+    AgentThread,
+    edge_settings,
+    make_samples,
+    round_state,
+    server_settings,
+    start_worker,
+    wait_for,
+    write_jsonl,
 )
 from tests.tiny_models import exported_tiny
 
