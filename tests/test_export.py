@@ -394,3 +394,46 @@ def test_smollm2_export(tmp_path):
     assert got8["pivot_states"].shape == ref_states.shape
     assert np.isfinite(got8["pivot_states"]).all()
     assert min_cosine(got8["pivot_states"][:, -1], ref_states[:, -1]) > 0.8
+
+
+# -- bench --------------------------------------------------------------------
+
+
+def test_bench_onnx_engines(llama, tmp_path):
+    from backbone_export.bench import run_bench
+
+    out, manifest, _ = llama
+    lines: list[str] = []
+    result = run_bench(
+        out,
+        json_path=tmp_path / "bench.json",
+        batches=(1, 2),
+        seqs=(8, 16),
+        threads=1,
+        reps=2,
+        engines=("onnx-fp32", "onnx-int8"),
+        progress=lines.append,
+    )
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
+    assert result["fingerprint"] == manifest["fingerprint"]
+    by_engine = {e["engine"]: e for e in result["engines"]}
+    assert set(by_engine) == {"onnx-fp32", "onnx-int8"}
+    for e in by_engine.values():
+        assert e["rss_loaded_mb"] > 0 and e["load_s"] >= 0
+        assert sorted((c["batch"], c["seq"]) for c in e["configs"]) == [
+            (1, 8),
+            (1, 16),
+            (2, 8),
+            (2, 16),
+        ]
+        for c in e["configs"]:
+            assert c["ms_per_sample"] > 0 and c["peak_rss_mb"] >= c["rss_before_mb"] * 0.5
+    table = "\n".join(lines)
+    assert "ms/sample" in table and "onnx-int8" in table
+
+
+def test_bench_errors(tmp_path):
+    from backbone_export.bench import run_bench
+
+    with pytest.raises(ExportError, match="no readable backbone"):
+        run_bench(tmp_path, progress=lambda _m: None)

@@ -1,0 +1,392 @@
+"""Backbone benchmark: ONNX Runtime fp32 / int8 versus torch eager, same model, same inputs.
+
+    run_bench(backbone_dir, json_path=None) -> dict
+
+For each engine a fresh subprocess loads the model once and runs every
+(batch, sequence) configuration on identical random token ids (warm-up, then
+the median of a few runs): per-sample latency = batch time / batch size.
+Memory comes from the kernel: VmRSS after loading, and VmHWM (peak resident
+set) reset through /proc/self/clear_refs before each configuration, so each
+configuration's peak is its own (ru_maxrss, cumulative, where that is not
+possible). A GGUF source is first converted to a plain safetensors copy in
+another subprocess, so torch's number is its inference memory, not the
+de-quantization transient.
+
+Command line: ``python -m backbone_export.bench BACKBONE_DIR [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ExportError
+from .manifest import MANIFEST_NAME, ONNX_NAME, TOKENIZER_NAME, read_manifest, sha256_file
+
+BATCHES = (1, 8)
+SEQS = (32, 64, 128)
+ENGINES = ("onnx-fp32", "onnx-int8", "torch-eager")
+_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+# -- measurement helpers (run inside the worker) ------------------------------
+
+
+def _proc_status(field: str) -> float | None:
+    """VmRSS / VmHWM of this process in MB (Linux), else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
+
+
+def _rss_mb() -> float:
+    v = _proc_status("VmRSS")
+    return v if v is not None else _maxrss_mb()
+
+
+def _inputs(manifest: dict[str, Any], batch: int, seq: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 1000 * batch + seq)
+    vocab = int(manifest["vocab_size"])
+    low = min(100, vocab // 2)  # skip the special tokens at the start of the vocabulary
+    ids = rng.integers(low, vocab, size=(batch, seq), dtype=np.int64)
+    prefix = list(manifest.get("prefix_ids") or [])
+    if prefix:
+        ids[:, : len(prefix)] = prefix
+    return ids
+
+
+def _time(fn: Callable[[], Any], reps: int, budget: float) -> list[float]:
+    fn()  # warm-up
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 2 and time.perf_counter() - start > budget:
+            break
+    return times
+
+
+def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: load once, measure every configuration."""
+    import numpy as np
+
+    threads = int(cfg["threads"])
+    manifest = json.loads(Path(cfg["manifest_dir"], MANIFEST_NAME).read_text())
+    rss_start = _rss_mb()
+    t0 = time.perf_counter()
+    if engine.startswith("onnx"):
+        sys.path.insert(0, _PKG_ROOT)
+        from edge_agent.backbone import Backbone
+
+        bb = Backbone.load(model_dir, threads=threads)
+
+        def make_run(ids: np.ndarray) -> Callable[[], Any]:
+            seqs = ids.tolist()
+            return lambda: bb.run(seqs, batch_size=len(seqs))
+    else:
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        from .load import CAUSAL
+        from .wrapper import PivotWrapper
+
+        cls = AutoModelForCausalLM if manifest["kind"] == CAUSAL else AutoModel
+        model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+        wrapper = PivotWrapper(model, manifest["kind"]).eval()
+
+        def make_run(ids: np.ndarray) -> Callable[[], Any]:
+            x = torch.from_numpy(ids)
+            mask = torch.ones_like(x)
+
+            def run() -> Any:
+                with torch.inference_mode():
+                    return wrapper(x, mask)
+
+            return run
+
+    load_s = time.perf_counter() - t0
+    rss_loaded = _rss_mb()
+    load_peak = _proc_status("VmHWM") or _maxrss_mb()
+    rows = []
+    configs = sorted(
+        ((b, s) for b in cfg["batches"] for s in cfg["seqs"]), key=lambda bs: (bs[0] * bs[1], bs)
+    )
+    for b, s in configs:
+        ids = _inputs(manifest, b, s)
+        run = make_run(ids)
+        rss_before = _rss_mb()
+        exact = _reset_peak()
+        times = _time(run, int(cfg["reps"]), float(cfg["budget"]))
+        peak = _proc_status("VmHWM") if exact else None
+        if peak is None:
+            peak = _maxrss_mb()
+        med = float(np.median(times))
+        rows.append(
+            {
+                "batch": b,
+                "seq": s,
+                "runs": len(times),
+                "batch_ms": round(med * 1000, 2),
+                "ms_per_sample": round(med * 1000 / b, 2),
+                "samples_per_s": round(b / med, 2),
+                "peak_rss_mb": round(peak, 1),
+                "peak_over_loaded_mb": round(peak - rss_loaded, 1),
+                "rss_before_mb": round(rss_before, 1),
+                "peak_exact": exact,
+            }
+        )
+    return {
+        "engine": engine,
+        "model_dir": model_dir,
+        "threads": threads,
+        "load_s": round(load_s, 2),
+        "rss_start_mb": round(rss_start, 1),
+        "rss_loaded_mb": round(rss_loaded, 1),
+        "load_peak_mb": round(load_peak, 1),
+        "configs": rows,
+    }
+
+
+# -- orchestration ------------------------------------------------------------
+
+
+def _subprocess(args: list[str], threads: int, timeout: float) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PKG_ROOT, env.get("PYTHONPATH", "")]))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    proc = subprocess.run(
+        [sys.executable, "-m", "backbone_export.bench", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+        raise ExportError(f"benchmark worker {args[:2]} failed:\n{tail}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _plain_torch_copy(manifest: dict[str, Any], dest: Path, threads: int) -> str:
+    """A directory torch can load quickly: the source itself, or a safetensors copy of a GGUF."""
+    if manifest.get("source_kind") == "hf":
+        for cand in (manifest.get("source_path"), manifest.get("source")):
+            if cand and Path(cand, "config.json").is_file():
+                return str(cand)
+        raise ExportError(f"the torch model's source {manifest.get('source')!r} is not available")
+    spec = manifest.get("source")
+    path = manifest.get("source_path")
+    model = path if path and Path(path).is_file() else spec
+    _subprocess(["--prepare", str(model), str(dest)], threads, timeout=900)
+    return str(dest)
+
+
+def _prepare(model: str, dest: str) -> None:
+    """Worker: save a GGUF model as a plain fp32 safetensors directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .load import load_model
+    from .locate import locate_model
+
+    loaded = load_model(locate_model(model), attn_implementation=None)
+    cfg = loaded.model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(loaded.model.state_dict())
+    plain.save_pretrained(dest)
+    print(json.dumps({"ok": True}))
+
+
+def _int8_copy(src_dir: Path, dest: Path) -> Path:
+    from .quantize import quantize_int8
+
+    dest.mkdir(parents=True, exist_ok=True)
+    quantize_int8(src_dir / ONNX_NAME, dest / ONNX_NAME)
+    shutil.copy(src_dir / TOKENIZER_NAME, dest / TOKENIZER_NAME)
+    m = read_manifest(src_dir)
+    m.update(
+        fingerprint=sha256_file(dest / ONNX_NAME),
+        quantization="int8",
+        onnx_bytes=(dest / ONNX_NAME).stat().st_size,
+    )
+    (dest / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+    return dest
+
+
+def format_table(result: dict[str, Any]) -> str:
+    engines = [e for e in result["engines"] if "configs" in e]
+    lines = []
+    for e in result["engines"]:
+        if "configs" in e:
+            lines.append(
+                f"{e['engine']:<12} load {e['load_s']:6.1f} s   RSS loaded {e['rss_loaded_mb']:7.0f} MB"
+                f"   load peak {e['load_peak_mb']:7.0f} MB"
+            )
+        else:
+            lines.append(f"{e['engine']:<12} skipped: {e.get('skipped')}")
+    head = f"{'batch':>5} {'seq':>4} |" + "|".join(f" {e['engine']:^26} " for e in engines)
+    sub = f"{'':>5} {'':>4} |" + "|".join(
+        f" {'ms/sample':>10} {'peak MB':>8} {'x':>6} " for _ in engines
+    )
+    lines += ["", head, sub, "-" * len(sub)]
+    ref = next((e for e in engines if e["engine"] == "torch-eager"), None)
+    keys = [(c["batch"], c["seq"]) for c in engines[0]["configs"]] if engines else []
+    for b, s in sorted(keys):
+        cells = []
+        base = None
+        if ref is not None:
+            base = next(c for c in ref["configs"] if (c["batch"], c["seq"]) == (b, s))
+        for e in engines:
+            c = next(c for c in e["configs"] if (c["batch"], c["seq"]) == (b, s))
+            speed = f"{base['ms_per_sample'] / c['ms_per_sample']:6.2f}" if base else "     -"
+            cells.append(f" {c['ms_per_sample']:>10.1f} {c['peak_rss_mb']:>8.0f} {speed} ")
+        lines.append(f"{b:>5} {s:>4} |" + "|".join(cells))
+    lines.append("")
+    lines.append(
+        "ms/sample: median batch time / batch; peak MB: resident-set peak during that "
+        "configuration (whole process, model included); x: speed-up over torch eager."
+    )
+    return "\n".join(lines)
+
+
+def run_bench(
+    backbone_dir: str | Path,
+    json_path: str | Path | None = None,
+    *,
+    batches: Sequence[int] = BATCHES,
+    seqs: Sequence[int] = SEQS,
+    threads: int = 2,
+    reps: int = 3,
+    budget_s: float = 6.0,
+    engines: Sequence[str] = ENGINES,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Latency and peak memory per (batch, seq) for each engine; prints a table, returns a dict."""
+    d = Path(backbone_dir)
+    try:
+        manifest = read_manifest(d)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"no readable backbone in {str(d)!r}: {e}") from e
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise ExportError(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    cfg = {
+        "threads": threads,
+        "batches": list(batches),
+        "seqs": list(seqs),
+        "reps": reps,
+        "budget": budget_s,
+        "manifest_dir": str(d.resolve()),
+    }
+    results: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sidetune-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        dirs: dict[str, str | None] = {}
+        q = manifest.get("quantization")
+        dirs["onnx-fp32"] = str(d) if not q else None
+        if q == "int8":
+            dirs["onnx-int8"] = str(d)
+        elif "onnx-int8" in engines:
+            progress("quantizing a copy to int8 for the comparison ...")
+            dirs["onnx-int8"] = str(_int8_copy(d, tmp / "int8"))
+        for engine in engines:
+            model_dir = dirs.get(engine)
+            try:
+                if engine == "torch-eager":
+                    progress("preparing the torch model from the manifest's source ...")
+                    model_dir = _plain_torch_copy(manifest, tmp / "torch", threads)
+                if model_dir is None:
+                    results.append({"engine": engine, "skipped": "no fp32 graph in an int8 folder"})
+                    continue
+                progress(f"benchmarking {engine} ({threads} threads) ...")
+                line = _subprocess(
+                    ["--worker", engine, model_dir, json.dumps(cfg)], threads, timeout=1800
+                )
+                results.append(json.loads(line))
+            except (ExportError, subprocess.TimeoutExpired) as e:
+                results.append({"engine": engine, "skipped": str(e).splitlines()[0]})
+                progress(f"{engine}: skipped ({e})")
+    result = {
+        "backbone": str(d.resolve()),
+        "model_type": manifest.get("model_type"),
+        "source": manifest.get("source"),
+        "fingerprint": manifest.get("fingerprint"),
+        "quantization": q,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "bench_seconds": round(time.perf_counter() - started, 1),
+        "engines": results,
+    }
+    progress(format_table(result))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        progress(f"wrote {json_path}")
+    return result
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("backbone", type=Path, help="an exported backbone folder")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--worker"]:
+        engine, model_dir, cfg = args[1], args[2], json.loads(args[3])
+        print(json.dumps(_worker(engine, model_dir, cfg)), flush=True)
+        return 0
+    if args[:1] == ["--prepare"]:
+        _prepare(args[1], args[2])
+        return 0
+    ns = add_bench_arguments(argparse.ArgumentParser(prog="backbone_export.bench")).parse_args(args)
+    try:
+        run_bench(ns.backbone, json_path=ns.json, threads=ns.threads)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
