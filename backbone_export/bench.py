@@ -68,6 +68,13 @@ def _maxrss_mb() -> float:
     return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _rss_mb() -> float:
     v = _proc_status("VmRSS")
     return v if v is not None else _maxrss_mb()
@@ -86,17 +93,20 @@ def _inputs(manifest: dict[str, Any], batch: int, seq: int, seed: int = 0):
     return ids
 
 
-def _time(fn: Callable[[], Any], reps: int, budget: float) -> list[float]:
+def _time(fn: Callable[[], Any], reps: int, budget: float) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of each timed run (after one warm-up run)."""
     fn()  # warm-up
     times: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
     while len(times) < reps:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         if len(times) >= 2 and time.perf_counter() - start > budget:
             break
-    return times
+    return times, cpu
 
 
 def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +160,7 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
         run = make_run(ids)
         rss_before = _rss_mb()
         exact = _reset_peak()
-        times = _time(run, int(cfg["reps"]), float(cfg["budget"]))
+        times, cpu = _time(run, int(cfg["reps"]), float(cfg["budget"]))
         peak = _proc_status("VmHWM") if exact else None
         if peak is None:
             peak = _maxrss_mb()
@@ -163,6 +173,7 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
                 "batch_ms": round(med * 1000, 2),
                 "ms_per_sample": round(med * 1000 / b, 2),
                 "samples_per_s": round(b / med, 2),
+                "cpu_ms_per_sample": round(float(np.median(cpu)) * 1000 / b, 2),
                 "peak_rss_mb": round(peak, 1),
                 "peak_over_loaded_mb": round(peak - rss_loaded, 1),
                 "rss_before_mb": round(rss_before, 1),
@@ -281,9 +292,15 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{b:>5} {s:>4} |" + "|".join(cells))
     lines.append("")
     lines.append(
-        "ms/sample: median batch time / batch; peak MB: resident-set peak during that "
+        "ms/sample: median wall time per batch / batch; peak MB: resident-set peak during that "
         "configuration (whole process, model included); x: speed-up over torch eager."
     )
+    if result.get("load_average_before") is not None:
+        lines.append(
+            f"load average before/after: {result['load_average_before']} / "
+            f"{result['load_average_after']} on {result['cpu_count']} CPUs "
+            "(other work on the machine inflates wall times; see cpu_ms_per_sample in the JSON)"
+        )
     return "\n".join(lines)
 
 
@@ -318,6 +335,7 @@ def run_bench(
     }
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
+    load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="sidetune-bench-") as tmp_name:
         tmp = Path(tmp_name)
         dirs: dict[str, str | None] = {}
@@ -353,6 +371,8 @@ def run_bench(
         "quantization": q,
         "threads": threads,
         "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": _loadavg(),
         "bench_seconds": round(time.perf_counter() - started, 1),
         "engines": results,
     }
