@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tiny_models import exported_tiny
-except ImportError:  # tests/ imported as a package
+try:  # the same module object as the other test files use (one export cache)
     from tests.tiny_models import exported_tiny
+except ImportError:  # tests/ itself on sys.path
+    from tiny_models import exported_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = ("torch", "transformers", "redis")

@@ -16,10 +16,10 @@ from edge_agent.features import FeatureExtractor, Features, default_taps, softma
 from edge_agent.keys import sample_key
 from edge_agent.task import TaskError, TaskSpec
 
-try:
-    from tiny_models import exported_tiny
-except ImportError:  # tests/ imported as a package
+try:  # the same module object as the other test files use (one export cache)
     from tests.tiny_models import exported_tiny
+except ImportError:  # tests/ itself on sys.path
+    from tiny_models import exported_tiny
 
 SENTIMENT = {
     "name": "sentiment",

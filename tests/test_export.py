@@ -13,10 +13,10 @@ from backbone_export import ExportError, export_backbone, main
 from backbone_export.locate import locate_model
 from backbone_export.onnx_export import min_cosine, pad_batch, rel_error
 
-try:
-    from tiny_models import exported_tiny, make_tiny_llama
-except ImportError:  # tests/ imported as a package
+try:  # the same module object as the other test files use (one export cache)
     from tests.tiny_models import exported_tiny, make_tiny_llama
+except ImportError:  # tests/ itself on sys.path
+    from tiny_models import exported_tiny, make_tiny_llama
 
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
