@@ -55,11 +55,11 @@ def _agent_command(cmd: str, settings: EdgeSettings, args: argparse.Namespace) -
     from edge_agent.agent import EdgeAgent
 
     if cmd == "predict":
-        from edge_agent.evaluate import probabilities
+        from edge_agent.evaluate import as_probabilities, probabilities
 
         agent = EdgeAgent(settings, connect=False)
         f = agent.fx.extract(args.texts)
-        scores = probabilities(f.prior, f.states, agent.adapter, agent.secret)
+        scores = as_probabilities(probabilities(f.prior, f.states, agent.adapter, agent.secret))
         version = agent.adapter.version if agent.adapter else 0
         for text, row in zip(args.texts, scores):
             cls = agent.task.classes[int(row.argmax())]

@@ -23,6 +23,12 @@ def probabilities(prior: np.ndarray, states: np.ndarray, adapter: InstalledAdapt
     return prior + secret.unmix(g, prior.shape[1]).astype(np.float32)
 
 
+def as_probabilities(scores: np.ndarray) -> np.ndarray:
+    """Scores clipped at 0 and normalised per row, for display (the argmax is unchanged)."""
+    clipped = np.clip(scores, 0.0, None) + 1e-9
+    return clipped / clipped.sum(axis=1, keepdims=True)
+
+
 @dataclass
 class Holdout:
     labels: np.ndarray  # (N,)

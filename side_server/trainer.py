@@ -41,7 +41,16 @@ def _optimizer(net: SideNet, hyper: HyperParams) -> torch.optim.AdamW:
     return torch.optim.AdamW(net.parameters(), lr=hyper.lr, weight_decay=hyper.weight_decay)
 
 
-def checkpoint_bytes(net: SideNet, opt: torch.optim.AdamW, epoch: int) -> bytes:
+@dataclass
+class Best:
+    """The weights of the epoch with the lowest validation loss (the adapter that ships)."""
+
+    val_loss: float
+    epoch: int
+    weights: dict[str, torch.Tensor]
+
+
+def checkpoint_bytes(net: SideNet, opt: torch.optim.AdamW, epoch: int, best: Best | None = None) -> bytes:
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().clone() for k, v in net.state_dict().items()}
     names = {id(p): n for n, p in net.named_parameters()}
     for group in opt.param_groups:
@@ -53,11 +62,15 @@ def checkpoint_bytes(net: SideNet, opt: torch.optim.AdamW, epoch: int) -> bytes:
             tensors[f"opt.{n}.exp_avg"] = st["exp_avg"].detach().clone()
             tensors[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().clone()
             tensors[f"opt.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).clone()
-    return bytes(st_save(tensors, metadata={"epoch": str(epoch), "format": "sidetune-ckpt-v1"}))
+    meta = {"epoch": str(epoch), "format": "sidetune-ckpt-v1"}
+    if best is not None:
+        tensors.update({f"best.{k}": v.clone() for k, v in best.weights.items()})
+        meta.update(best_val_loss=repr(best.val_loss), best_epoch=str(best.epoch))
+    return bytes(st_save(tensors, metadata=meta))
 
 
-def restore_checkpoint(blob: bytes, net: SideNet, opt: torch.optim.AdamW) -> int:
-    """Load a checkpoint; returns the last finished epoch."""
+def restore_checkpoint(blob: bytes, net: SideNet, opt: torch.optim.AdamW) -> tuple[int, Best | None]:
+    """Load a checkpoint; returns the last finished epoch and the best weights so far."""
     n = int.from_bytes(blob[:8], "little")
     meta = json.loads(blob[8 : 8 + n]).get("__metadata__", {})
     tensors = st_load(blob)
@@ -69,7 +82,11 @@ def restore_checkpoint(blob: bytes, net: SideNet, opt: torch.optim.AdamW) -> int
                 "exp_avg": tensors[f"opt.{name}.exp_avg"].clone(),
                 "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].clone(),
             }
-    return int(meta.get("epoch", 0))
+    best = None
+    if "best_val_loss" in meta:
+        best = Best(float(meta["best_val_loss"]), int(meta["best_epoch"]),
+                    {k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
+    return int(meta.get("epoch", 0)), best
 
 
 def train(
@@ -82,13 +99,18 @@ def train(
     checkpoint: bytes | None = None,
     on_epoch: Callable[[EpochReport, bytes], bool] | None = None,
 ) -> tuple[SideNet, list[EpochReport]]:
-    """Train for the remaining epochs. ``on_epoch(report, checkpoint)`` returns False to stop."""
+    """Train for the remaining epochs. ``on_epoch(report, checkpoint)`` returns False to stop.
+
+    With a validation slice, the returned network holds the weights of the
+    epoch with the lowest validation loss (a cheap guard against the
+    overfitting DESIGN.md warns of); without one, the last epoch's.
+    """
     torch.manual_seed(hyper.seed)
     net = SideNet(spec)
     if init_weights is not None:
         net.load_weights(init_weights)
     opt = _optimizer(net, hyper)
-    start = restore_checkpoint(checkpoint, net, opt) if checkpoint else 0
+    start, best = restore_checkpoint(checkpoint, net, opt) if checkpoint else (0, None)
 
     x = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
@@ -113,8 +135,12 @@ def train(
             with torch.no_grad():
                 vi = torch.from_numpy(va)
                 val_loss = float(((net.forward_tapped(x[vi]) - y[vi]) ** 2).sum(dim=1).mean())
+            if best is None or val_loss < best.val_loss:
+                best = Best(val_loss, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
         report = EpochReport(epoch, train_loss, val_loss, time.perf_counter() - t0)
         reports.append(report)
-        if on_epoch is not None and not on_epoch(report, checkpoint_bytes(net, opt, epoch)):
+        if on_epoch is not None and not on_epoch(report, checkpoint_bytes(net, opt, epoch, best)):
             break
+    if best is not None and (not reports or reports[-1].epoch == hyper.epochs):
+        net.load_state_dict(best.weights)
     return net, reports

@@ -132,7 +132,7 @@ def _add_demo_options(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--devices", type=int, default=2)
     demo.add_argument("--samples", type=int, default=1600, help="training samples per device by the last round")
     demo.add_argument("--holdout", type=int, default=500, help="held-out samples per device")
-    demo.add_argument("--epochs", type=int, default=10)
+    demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--backbone", default=None, help="exported backbone folder (exported on first use)")
     demo.add_argument("--workdir", default=None, help="where state and logs go (a temporary folder by default)")
     demo.add_argument("--json", default=None, help="write the results as JSON here")
@@ -150,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SidetuneError as e:
         print(f"sidetune: error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:  # `sidetune ... | head`
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("sidetune: interrupted", file=sys.stderr)
         return 130
