@@ -172,6 +172,7 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
                 "runs": len(times),
                 "batch_ms": round(med * 1000, 2),
                 "ms_per_sample": round(med * 1000 / b, 2),
+                "best_ms_per_sample": round(min(times) * 1000 / b, 2),
                 "samples_per_s": round(b / med, 2),
                 "cpu_ms_per_sample": round(float(np.median(cpu)) * 1000 / b, 2),
                 "peak_rss_mb": round(peak, 1),
