@@ -84,6 +84,7 @@ class EdgeAgent:
         self.stopping = threading.Event()
         self._holdout: Holdout | None = None
         self.transport: Transport | None = None
+        self._reconnected = threading.Event()
         self.outbox: OutboxSender | None = None
         if connect:
             status_topic, offline = encode(self._status("offline"))
@@ -94,6 +95,7 @@ class EdgeAgent:
                 self._on_message,
                 subscriptions=tuple(topic(settings.device_id, k) for k in DOWNLINK_KINDS),
                 will=(status_topic, offline),
+                on_connected=self._connected,
             )
             self.outbox = OutboxSender(self.ledger, self.transport, on_sent=self._count_up)
 
@@ -103,6 +105,12 @@ class EdgeAgent:
         return DeviceStatus(device_id=self.s.device_id, state=state, agent_version=__version__,  # type: ignore[arg-type]
                             adapter_version=self.adapter.version if self.adapter else 0,
                             backbone_fingerprint=self.backbone.fingerprint)
+
+    def _connected(self, first: bool) -> None:
+        """paho's thread: after a reconnect, ask the server again where the round stands
+        (what was published just before a broker restart may not have reached a worker)."""
+        if not first:
+            self._reconnected.set()
 
     def _on_message(self, item: Incoming) -> None:
         """paho's thread: decode and queue, nothing else."""
@@ -157,6 +165,11 @@ class EdgeAgent:
             self.handle(msg, nbytes)
         except queue.Empty:
             pass
+        if self._reconnected.is_set():
+            self._reconnected.clear()
+            if self.round is not None:
+                log.info("round %d: reconnected; asking the server where the round stands", self.round.number)
+                self._resend_job()
         if self.round is None:
             self._maybe_start_round()
         elif time.time() - self.round.last_heard > self.s.round_timeout:
@@ -250,6 +263,7 @@ class EdgeAgent:
         t, payload = encode(self.round.job)
         self.ledger.enqueue([(t, payload, False)], self.round.number)
         self.round.last_heard = time.time()
+        self.round.uploaded.clear()  # whatever the server still lacks is sent again
         if self.outbox:
             self.outbox.kick()
 

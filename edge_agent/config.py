@@ -41,8 +41,10 @@ class EdgeSettings(FileThenEnv):
     hyper: HyperParams = HyperParams()
     #: Optional held-out JSONL ({"text", "label"}) to evaluate each new adapter on.
     holdout_file: Path | None = None
-    #: A round that hears nothing for this long is retried (the job is resent).
-    round_timeout: float = Field(default=600.0, gt=0)
+    #: A round that hears nothing from the server for this long sends its job again (the
+    #: server answers with what it still lacks). This also recovers uplinks mosquitto drops
+    #: in the second between its restart and the workers' re-subscription.
+    round_timeout: float = Field(default=120.0, gt=0)
     log_level: str = "INFO"
 
     @field_validator("device_id")

@@ -47,10 +47,20 @@ class OutboxSender:
     def pending(self) -> int:
         return self.ledger.outbox_size()
 
+    @staticmethod
+    def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
+        try:
+            return info.is_published()
+        except RuntimeError:
+            # Published while the socket was already gone (rc NO_CONN): paho keeps the
+            # message and sends it after the reconnect, but is_published() raises for
+            # any rc > 0 even once the PUBACK came; read the flag it would return.
+            return bool(getattr(info, "_published", False))
+
     def _reap(self) -> None:
         still = []
         for info, row_id, rnd, nbytes in self._inflight:
-            if info.is_published():
+            if self._acknowledged(info):
                 self.ledger.outbox_done(row_id)
                 if self.on_sent is not None:
                     self.on_sent(rnd, nbytes)

@@ -19,9 +19,11 @@ class WireError(SidetuneError, ValueError):
     the message says, for a person, what is wrong.
     """
 
-    def __init__(self, message: str, code: str = "invalid") -> None:
+    def __init__(self, message: str, code: str = "invalid", msg_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        #: The rejected message's id, when it could be read (rejections name it).
+        self.msg_id = msg_id
 
 
 class SpecMismatch(SidetuneError):

@@ -66,6 +66,7 @@ class Transport:
         manual_ack: bool = False,
         session_expiry: int = 7 * 24 * 3600,
         on_published: Callable[[int], None] | None = None,
+        on_connected: Callable[[bool], None] | None = None,
     ) -> None:
         self.broker = broker
         self.subscriptions = subscriptions
@@ -74,6 +75,8 @@ class Transport:
         self.bytes_received = 0
         self._on_message = on_message
         self._on_published = on_published
+        self._on_connected = on_connected  # (first connection?) on paho's thread: must not block
+        self._connections = 0
         self._refused: str | None = None
         self._lock = threading.Lock()
         c = mqtt.Client(
@@ -111,9 +114,19 @@ class Transport:
             raise TransportError(f"could not connect to broker {self.broker.host}:{self.broker.port} ({why})")
         return self
 
-    def stop(self) -> None:
+    def stop(self, *, end_session: bool = False) -> None:
+        """Disconnect; ``end_session`` also drops the broker-side session at once.
+
+        A stopped server worker ends its session so that the broker stops
+        routing shared-subscription messages to it; a board keeps its session
+        so that downlinks wait for it.
+        """
+        props = None
+        if end_session:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
         try:
-            self.client.disconnect()
+            self.client.disconnect(properties=props)
         finally:
             self.client.loop_stop()
 
@@ -140,7 +153,13 @@ class Transport:
             return
         for flt in self.subscriptions:
             client.subscribe(flt, qos=QOS)
+        self._connections += 1
         self.connected.set()
+        if self._on_connected is not None:
+            try:
+                self._on_connected(self._connections == 1)
+            except Exception:
+                log.exception("connect handler failed")
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()

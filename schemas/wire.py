@@ -14,6 +14,7 @@ No pickle anywhere; every failure of :func:`decode` is a :class:`WireError`.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from typing import Any
@@ -32,6 +33,7 @@ from schemas.tensors import WireTensor
 from schemas.topics import Topic
 
 MAGIC = b"STW1"
+_MSG_ID = re.compile(r"[0-9a-f]{8,64}")
 _PREFIX = struct.Struct("<4sI")
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -125,7 +127,17 @@ def _decode(topic: str, payload: bytes | bytearray | memoryview) -> Message:
     if _PREFIX.size + head_len > len(payload):
         raise WireError(f"payload is truncated: header needs {head_len} bytes, {len(payload) - _PREFIX.size} left", code="bad_payload")
     header = _parse_header(payload[_PREFIX.size : _PREFIX.size + head_len])
+    try:
+        return _decode_header(where, header, payload, _PREFIX.size + head_len)
+    except WireError as e:
+        body = header.get("body")
+        msg_id = body.get("msg_id") if isinstance(body, dict) else None
+        if isinstance(msg_id, str) and _MSG_ID.fullmatch(msg_id):
+            e.msg_id = msg_id  # so the rejection can name the message
+        raise
 
+
+def _decode_header(where: Topic, header: dict[str, Any], payload: bytes, start: int) -> Message:
     version = header.get("v")
     if version != SCHEMA_VERSION or type(version) is not int:
         raise WireError(f"unknown schema version {version!r}; this build speaks {SCHEMA_VERSION}", code="bad_version")
@@ -137,12 +149,12 @@ def _decode(topic: str, payload: bytes | bytearray | memoryview) -> Message:
     if kind != where.kind:
         raise WireError(f"a {kind} message cannot arrive on the {where.kind} topic", code="bad_topic")
 
-    blobs = _split_blobs(header["blobs"], payload, _PREFIX.size + head_len)
+    blobs = _split_blobs(header["blobs"], payload, start)
     body = header["body"]
     if not isinstance(body, dict):
         raise WireError("header body must be an object", code="bad_payload")
     used: set[int] = set()
-    resolved = _from_wire(body, blobs, used)
+    resolved = _from_wire(body, blobs, used, "")
     if used != set(range(len(blobs))):
         raise WireError("payload carries blobs that no field uses", code="bad_payload")
 
@@ -209,21 +221,21 @@ def _blob(ref: Any, blobs: list[bytes], used: set[int]) -> bytes:
     return blobs[ref]
 
 
-def _from_wire(value: Any, blobs: list[bytes], used: set[int]) -> Any:
+def _from_wire(value: Any, blobs: list[bytes], used: set[int], path: str) -> Any:
     if isinstance(value, dict):
         if "$tensor" in value:
-            return _tensor(value, blobs, used)
+            return _tensor(value, blobs, used, path or "message")
         if "$bytes" in value:
             if len(value) != 1:
                 raise WireError("a $bytes reference has no other fields", code="bad_payload")
             return _blob(value["$bytes"], blobs, used)
-        return {k: _from_wire(v, blobs, used) for k, v in value.items()}
+        return {k: _from_wire(v, blobs, used, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_from_wire(v, blobs, used) for v in value]
+        return [_from_wire(v, blobs, used, f"{path}[{i}]") for i, v in enumerate(value)]
     return value
 
 
-def _tensor(value: dict[str, Any], blobs: list[bytes], used: set[int]) -> WireTensor:
+def _tensor(value: dict[str, Any], blobs: list[bytes], used: set[int], path: str) -> WireTensor:
     desc = value["$tensor"]
     if len(value) != 1 or not isinstance(desc, dict) or set(desc) != {"data", "dtype", "scale", "shape"}:
         raise WireError("a $tensor descriptor holds exactly data, dtype, scale, shape", code="bad_payload")
@@ -235,7 +247,11 @@ def _tensor(value: dict[str, Any], blobs: list[bytes], used: set[int]) -> WireTe
     try:
         return WireTensor(dtype=desc["dtype"], shape=tuple(shape), data=data, scale=scale)
     except ValidationError as e:
-        raise WireError(f"bad tensor: {_describe(e)}", code="invalid") from None
+        reasons = "; ".join(
+            (f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "") + str(err["msg"]).removeprefix("Value error, ")
+            for err in e.errors()[:3]
+        )
+        raise WireError(f"bad tensor {path[:80]}: {reasons}", code="invalid") from None
 
 
 def _describe(e: ValidationError, most: int = 3) -> str:

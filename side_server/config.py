@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 
 from pydantic import Field
@@ -22,7 +21,11 @@ class ServerSettings(FileThenEnv):
     redis_url: str = "redis://127.0.0.1:6379/0"
     #: Workers with the same group share the uplinks ($share/<group>/...).
     share_group: str = "workers"
-    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    #: Stable across restarts (the MQTT session, and the messages queued for it, belong to it).
+    #: Two workers on one host need distinct ids (the systemd unit uses host-instance).
+    worker_id: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    #: How long the broker keeps a killed worker's session (and its queued messages).
+    session_expiry: int = Field(default=24 * 3600, ge=0)
     #: Cached activations live this long (Redis TTL, seconds); eviction may take them sooner.
     activation_ttl: int = Field(default=7 * 24 * 3600, gt=0)
     #: A job's lease; a worker renews it every epoch, another takes over when it lapses.

