@@ -72,7 +72,7 @@ class JobStore:
         """Store a new job; False if it already existed (then nothing changes)."""
         _, payload = encode(job)
         keys = [f"st:job:{job.device_id}:{job.job_id}", f"st:need:{job.device_id}:{job.job_id}", "st:active"]
-        args = [payload, job_digest(job), time.time(), f"{job.device_id}/{job.job_id}", *missing]
+        args: list[bytes | str | float] = [payload, job_digest(job), time.time(), f"{job.device_id}/{job.job_id}", *missing]
         return bool(self._create(keys=keys, args=args))
 
     def active(self) -> list[tuple[str, str]]:
