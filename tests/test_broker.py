@@ -469,7 +469,6 @@ def test_slow_subscriber_gets_all_2000_messages(mqtt_client, device_account, mos
         ids.append(m.msg_id)
         payloads.append(encode(m)[1])
     log_before = len(mosquitto.log.read_text(errors="replace"))
-    start = time.monotonic()
     infos = [srv.client.publish(t, p, qos=1) for p in payloads]
     srv._wait(lambda: all(i.mid in srv.pubacks for i in infos), 20, "all PUBACKs")
     backlog = n - len(sub.messages)
