@@ -54,9 +54,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_backbone(args: argparse.Namespace) -> int:
+    from backbone_export import ExportError
     from backbone_export.bench import run_bench
 
-    run_bench(Path(args.backbone), json_path=Path(args.json) if args.json else None)
+    try:
+        run_bench(Path(args.backbone), json_path=Path(args.json) if args.json else None)
+    except ExportError as e:
+        raise CliError(str(e)) from None
     return EXIT_OK
 
 
