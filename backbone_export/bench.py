@@ -30,8 +30,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from schemas.fingerprint import sha256_file
+
 from .errors import ExportError
-from .manifest import MANIFEST_NAME, ONNX_NAME, TOKENIZER_NAME, read_manifest, sha256_file
+from .manifest import MANIFEST_NAME, ONNX_NAME, TOKENIZER_NAME, read_manifest
 
 BATCHES = (1, 8)
 SEQS = (32, 64, 128)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from schemas.fingerprint import sha256_file
+
 from .errors import ExportError
 from .load import CAUSAL, LoadedModel, load_model
 from .locate import locate_model
@@ -18,7 +20,6 @@ from .manifest import (
     MANIFEST_NAME,
     ONNX_NAME,
     TOKENIZER_NAME,
-    sha256_file,
     write_json_atomic,
 )
 from .onnx_export import INPUT_NAMES, export_onnx, verify_onnx

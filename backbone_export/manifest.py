@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,14 +11,6 @@ MANIFEST_NAME = "manifest.json"
 ONNX_NAME = "backbone.onnx"
 TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

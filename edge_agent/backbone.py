@@ -10,7 +10,6 @@ Only numpy, onnxruntime, tokenizers and the standard library: no torch here.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from schemas.fingerprint import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 DEFAULT_ONNX = "backbone.onnx"
@@ -39,14 +40,6 @@ def release_freed_memory() -> None:
 
 class BackboneError(Exception):
     """The backbone folder is missing, corrupt, or does not match its manifest."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

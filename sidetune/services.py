@@ -59,6 +59,16 @@ def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path, what: st
     raise ServiceError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def render(template: Path, values: dict[str, str]) -> str:
     text = template.read_text()
     for k, v in values.items():
@@ -124,13 +134,7 @@ class Mosquitto:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc)
 
     def restart(self) -> None:
         """Stop and start on the same port and state (retained messages persist)."""
@@ -168,13 +172,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc)
 
     def restart(self) -> None:
         self.stop()
