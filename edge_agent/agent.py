@@ -7,6 +7,7 @@ queues incoming messages; the outbox thread sends what the ledger holds.
 from __future__ import annotations
 
 import logging
+from importlib.metadata import PackageNotFoundError, version
 import queue
 import threading
 import time
@@ -40,9 +41,18 @@ from schemas.tensors import WireTensor
 from schemas.topics import DOWNLINK_KINDS, topic
 from schemas.transport import BrokerAddress, Incoming, Transport
 from schemas.wire import decode, encode
-from sidetune import __version__
 
 log = logging.getLogger("sidetune.edge")
+
+
+def _agent_version() -> str:
+    try:
+        return version("sidetune")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+__version__ = _agent_version()
 
 TRAIN_REQUEST = "train.request"
 
