@@ -7,12 +7,12 @@ queues incoming messages; the outbox thread sends what the ledger holds.
 from __future__ import annotations
 
 import logging
-from importlib.metadata import PackageNotFoundError, version
 import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
