@@ -10,6 +10,9 @@ Services (session scope, started once, stopped at the end of the session):
 * ``redis_server`` -- a :class:`sidetune.services.RedisServer` started with
   ``broker_config/redis.conf``.
 
+Per module: ``tiny_backbone`` -- the folder of the exported tiny llama
+(``tests.tiny_models.exported_tiny``, exported once per session).
+
 A missing binary FAILS the test (``pytest.fail``), it never skips: an
 integration suite that silently skips tests nothing.
 
@@ -50,7 +53,8 @@ import shutil
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -61,6 +65,8 @@ NAMED_DEVICES = tuple(f"dev-{c}" for c in "abcdef")
 VECTOR_DEVICE = "board-7"
 CONNECT_TIMEOUT = 10.0
 
+S = TypeVar("S", Mosquitto, RedisServer)
+
 
 def _require(binary: str, package: str) -> None:
     from sidetune.services import find_binary
@@ -69,6 +75,16 @@ def _require(binary: str, package: str) -> None:
         find_binary(binary, package)
     except ServiceError:
         pytest.fail(f"{binary} not found: apt-get install {package}", pytrace=False)
+
+
+def _running(service: S, name: str) -> Iterator[S]:
+    """Start ``service`` (failing the test if it does not start), hand it out, stop it."""
+    try:
+        service.start()
+    except ServiceError as e:
+        pytest.fail(f"{name} did not start: {e}", pytrace=False)
+    yield service
+    service.stop()
 
 
 @pytest.fixture(scope="session")
@@ -85,25 +101,13 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory, broker_accounts: dict[st
     _require("mosquitto", "mosquitto")
     _require("mosquitto_passwd", "mosquitto")
     _require("openssl", "openssl")
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), dict(broker_accounts), tls=True)
-    try:
-        broker.start()
-    except ServiceError as e:
-        pytest.fail(f"mosquitto did not start: {e}", pytrace=False)
-    yield broker
-    broker.stop()
+    yield from _running(Mosquitto(tmp_path_factory.mktemp("mosquitto"), dict(broker_accounts), tls=True), "mosquitto")
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     _require("redis-server", "redis-server")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        server.start()
-    except ServiceError as e:
-        pytest.fail(f"redis-server did not start: {e}", pytrace=False)
-    yield server
-    server.stop()
+    yield from _running(RedisServer(tmp_path_factory.mktemp("redis")), "redis-server")
 
 
 @pytest.fixture
@@ -116,6 +120,14 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis.Redis.from_url(redis_server.url) as r:
         r.flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of the exported tiny llama (exported once per session)."""
+    from tests.tiny_models import exported_tiny
+
+    return exported_tiny(tmp_path_factory, "llama")[0]
 
 
 _pool = itertools.cycle(DEVICE_POOL)

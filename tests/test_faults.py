@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 
@@ -32,8 +31,6 @@ from schemas import (
     Job,
     Message,
     Progress,
-    SideNetSpec,
-    WireTensor,
     decode,
     encode,
     topic,
@@ -43,15 +40,18 @@ from side_server.worker import Worker
 from sidetune.services import SERVER_USER
 from tests.loop_helpers import (
     AgentThread,
+    Downlinks,
+    clear_device,
     edge_settings,
+    make_job,
     make_samples,
+    request_round,
     round_state,
     server_settings,
     start_worker,
     wait_for,
     write_jsonl,
 )
-from tests.tiny_models import exported_tiny
 
 pytestmark = pytest.mark.integration
 
@@ -59,38 +59,7 @@ N = 160
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_tiny(tmp_path_factory, "llama")[0]
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-class Downlinks:
-    """The device's downlinks as a second client of the device account sees them: (arrival time, message)."""
-
-    def __init__(self, client, device: str) -> None:
-        self.seen: list[tuple[float, Message]] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        filters = [(topic(device, k), 1) for k in ("cache", "progress", "adapter", "errors")]
-        client.on_message = self._on_message
-        client.on_subscribe = lambda *_: subscribed.set()
-        client.on_connect = lambda c, *_: c.subscribe(filters)  # again after a broker restart
-        client.subscribe(filters)
-        assert subscribed.wait(5), "no SUBACK for the device's downlinks"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        if msg.retain or not msg.payload:
-            return
-        m = decode(msg.topic, msg.payload)
-        with self._lock:
-            self.seen.append((time.monotonic(), m))
-
-    def of(self, cls: type[Message], after: float = 0.0) -> list[Message]:
-        with self._lock:
-            return [m for t, m in self.seen if isinstance(m, cls) and t >= after]
 
 
 class Fleet:
@@ -120,15 +89,10 @@ class Fleet:
 
     def close(self) -> None:
         self.r.close()
-        server = self.mqtt_client(SERVER_USER)  # leave no retained adapter on the device account
-        server.publish(topic(self.device, "adapter"), b"", qos=1, retain=True).wait_for_publish(5)
-        for wid in self.worker_ids:  # drop the workers' sessions: stale members of a share group take messages
-            self.mqtt_client(SERVER_USER, client_id=f"sidetune-server-{wid}").disconnect()
+        clear_device(self.mqtt_client, self.device, self.worker_ids)
 
     def start_round(self, agent: EdgeAgent, n: int = N, seed: int = 1) -> None:
-        write_jsonl(agent.inbox / "a.jsonl", make_samples(n, seed=seed))
-        wait_for(lambda: agent.ledger.count_new() == n, 30, "the inbox to be read")
-        (agent.state_dir / "train.request").touch()
+        request_round(agent, make_samples(n, seed=seed))
 
     def assert_nothing_lost(self, row: dict[str, object], job_keys: tuple[str, ...], n: int = N) -> None:
         """The round finished, each sample was computed once, the server holds every sample and one adapter."""
@@ -175,14 +139,6 @@ def checkpoint_epoch(r: redis.Redis, device: str, job_id: str) -> int:
     return int(json.loads(blob[8 : 8 + n])["__metadata__"]["epoch"])
 
 
-def small_job(device: str, n: int = 1) -> Job:
-    """A job built straight from the schemas (random keys and targets): enough to get a CacheReport."""
-    spec = SideNetSpec(num_states=5, width=16, taps=(2, 4), out_dim=4)
-    targets = WireTensor.from_array(np.random.default_rng().normal(size=(n, 4)))
-    return Job(device_id=device, job_id=f"j-{uuid.uuid4().hex[:8]}", backbone_fingerprint="ab" * 32, spec=spec,
-               keys=tuple(uuid.uuid4().hex * 2 for _ in range(n)), targets=targets)
-
-
 def answered(fleet: Fleet, job: Job) -> bool:
     return any(m.job_id == job.job_id for m in fleet.down.of(CacheReport))  # type: ignore[attr-defined]
 
@@ -199,7 +155,7 @@ def wait_quietly(cond: Callable[[], bool], timeout: float) -> bool:
 def wait_until_answering(fleet: Fleet, dev) -> None:
     """Probe jobs until a worker answers one (it subscribes in its connect callback)."""
     for _ in range(40):
-        probe = small_job(fleet.device)
+        probe = make_job(fleet.device, n=1)
         dev.publish(*encode(probe), qos=1).wait_for_publish(5)
         if wait_quietly(lambda p=probe: answered(fleet, p), 0.5):  # type: ignore[misc]
             return
@@ -268,7 +224,7 @@ def test_a_job_stored_before_a_broker_restart_is_answered_again_after_it(fleet, 
     try:
         board = mqtt_client(fleet.device, fleet.password)
         wait_until_answering(fleet, board)
-        job = small_job(fleet.device)
+        job = make_job(fleet.device, n=1)
         board.publish(*encode(job), qos=1).wait_for_publish(5)
         wait_for(lambda: answered(fleet, job), 5, "the first answer")
         mosquitto.restart()
@@ -299,13 +255,13 @@ def test_the_outbox_drains_after_a_publish_raced_with_a_broker_outage(fleet, mos
         wait_for(lambda: not transport.connected.is_set(), 10, "paho to notice the outage")
         # the race: the outbox read `connected` just before paho noticed the socket was gone
         transport.connected.set()
-        ledger.enqueue([(*encode(small_job(fleet.device)), False)])
+        ledger.enqueue([(*encode(make_job(fleet.device, n=1)), False)])
         outbox.kick()
         time.sleep(0.5)
         transport.connected.clear()
         mosquitto.start()
         wait_for(lambda: transport.connected.is_set(), 15, "paho to reconnect")
-        ledger.enqueue([(*encode(small_job(fleet.device)), False)])
+        ledger.enqueue([(*encode(make_job(fleet.device, n=1)), False)])
         outbox.kick()
         wait_for(lambda: ledger.outbox_size() == 0, 5, "the outbox to drain")
     finally:
@@ -356,7 +312,7 @@ def test_a_worker_restarted_under_a_new_id_still_receives_every_uplink(fleet, mq
     new = start_worker(fleet.worker_settings())
     try:
         wait_until_answering(fleet, dev)
-        jobs = [small_job(fleet.device) for _ in range(4)]
+        jobs = [make_job(fleet.device, n=1) for _ in range(4)]
         for j in jobs:
             dev.publish(*encode(j), qos=1).wait_for_publish(5)
         wait_quietly(lambda: all(answered(fleet, j) for j in jobs), 3)
@@ -368,7 +324,7 @@ def test_a_worker_restarted_under_a_new_id_still_receives_every_uplink(fleet, mq
 def test_a_job_half_written_by_a_killed_worker_is_answered_when_it_comes_again(fleet, mqtt_client):
     worker = start_worker(fleet.worker_settings())
     try:
-        job = small_job(fleet.device, n=3)
+        job = make_job(fleet.device, n=3)
         # the state a kill -9 between the HSETNX and the pipeline of JobStore.create leaves behind
         dev = mqtt_client(fleet.device, fleet.password)
         wait_until_answering(fleet, dev)

@@ -8,125 +8,29 @@ before and after each duplicate.
 
 from __future__ import annotations
 
-import secrets
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import redis
 
 from schemas import (
-    ActivationBatch,
     AdapterUpdate,
     CacheReport,
-    HyperParams,
     Job,
     Message,
     Progress,
     Rejection,
-    SideNetSpec,
-    WireTensor,
-    decode,
     encode,
     new_msg_id,
     topic,
 )
 from side_server.worker import Worker
-from sidetune.services import SERVER_USER
-from tests.loop_helpers import server_settings, start_worker
+from tests.loop_helpers import Device, make_batch, make_job, worker_and_device
 
 pytestmark = pytest.mark.integration
 
-SPEC = SideNetSpec(num_states=5, width=16, taps=(2, 4), out_dim=4)
-FINGERPRINT = "ab" * 32
 N = 12
-
-
-class Downlinks:
-    """Everything the server sends one device, decoded, in arrival order (live messages only)."""
-
-    def __init__(self, client, device: str) -> None:
-        self.messages: list[Message] = []
-        self._cond = threading.Condition()
-        subscribed = threading.Event()
-        client.on_message = self._on_message
-        client.on_subscribe = lambda *_: subscribed.set()
-        client.subscribe([(topic(device, k), 1) for k in ("cache", "progress", "adapter", "errors")])
-        assert subscribed.wait(5), "no SUBACK for the device's downlinks"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        if msg.retain or not msg.payload:  # an old retained adapter, or one being cleared
-            return
-        m = decode(msg.topic, msg.payload)
-        with self._cond:
-            self.messages.append(m)
-            self._cond.notify_all()
-
-    def wait(self, pred: Callable[[Message], bool], timeout: float, what: str, start: int = 0) -> Message:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for m in self.messages[start:]:
-                    if pred(m):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; got "
-                                         f"{[type(m).__name__ for m in self.messages[start:]]}")
-                self._cond.wait(left)
-
-    def since(self, start: int, cls: type[Message] | None = None) -> list[Message]:
-        with self._cond:
-            return [m for m in self.messages[start:] if cls is None or isinstance(m, cls)]
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self.messages)
-
-
-@dataclass
-class Device:
-    id: str
-    client: object
-    down: Downlinks
-
-    def publish(self, t: str, payload: bytes) -> None:
-        info = self.client.publish(t, payload, qos=1)  # type: ignore[attr-defined]
-        info.wait_for_publish(5)
-        assert info.is_published(), f"the broker did not acknowledge the publish on {t}"
-
-    def cache_report(self, payload: bytes, job: Job, timeout: float = 10.0) -> CacheReport:
-        start = len(self.down)
-        self.publish(topic(self.id, "jobs"), payload)
-        rep = self.down.wait(lambda m: isinstance(m, CacheReport) and m.job_id == job.job_id, timeout,
-                             f"a CacheReport on job {job.job_id}", start)
-        assert isinstance(rep, CacheReport)
-        return rep
-
-    def progress(self, payload: bytes, job: Job, timeout: float = 10.0) -> Progress:
-        start = len(self.down)
-        self.publish(topic(self.id, "activations"), payload)
-        p = self.down.wait(lambda m: isinstance(m, Progress) and m.job_id == job.job_id, timeout,
-                           f"progress on job {job.job_id}", start)
-        assert isinstance(p, Progress)
-        return p
-
-
-def make_job(device: str, n: int = N) -> Job:
-    rng = np.random.default_rng()
-    return Job(device_id=device, job_id=f"j-{uuid.uuid4().hex[:10]}", backbone_fingerprint=FINGERPRINT, spec=SPEC,
-               hyper=HyperParams(epochs=2, batch_size=4), keys=tuple(secrets.token_hex(32) for _ in range(n)),
-               targets=WireTensor.from_array(rng.normal(size=(n, SPEC.out_dim)), "float32"))
-
-
-def make_batch(job: Job, keys: tuple[str, ...]) -> ActivationBatch:
-    states = np.random.default_rng().normal(size=(len(keys), SPEC.num_states, SPEC.width))
-    return ActivationBatch(device_id=job.device_id, job_id=job.job_id, backbone_fingerprint=job.backbone_fingerprint,
-                           keys=keys, states=WireTensor.from_array(states, "float16"))
 
 
 def fresh_envelope(msg: Message) -> bytes:
@@ -153,28 +57,13 @@ def cached(r: redis.Redis, device: str, keys: tuple[str, ...]) -> list[bytes | N
 
 @pytest.fixture
 def env(mosquitto, redis_url, broker_accounts, mqtt_client, device_account) -> Iterator[tuple[Worker, Device, redis.Redis]]:
-    device, password = device_account
-    wid = f"idem-{uuid.uuid4().hex[:8]}"
-    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], worker_id=wid,
-                                          share_group=wid, lease_seconds=3.0))
-    r = redis.Redis.from_url(redis_url)
-    try:
-        client = mqtt_client(device, password)
-        dev = Device(device, client, Downlinks(client, device))
-        for _ in range(20):  # the worker subscribes in its connect callback: probe until it answers
-            probe = make_job(device, n=1)
-            try:
-                dev.cache_report(encode(probe)[1], probe, timeout=0.5)
-                break
-            except AssertionError:
-                continue
-        yield worker, dev, r
-    finally:
-        worker.stop()
-        r.close()
-        clear = mqtt_client(SERVER_USER)  # leave no retained adapter on the device account
-        clear.publish(topic(device, "adapter"), b"", qos=1, retain=True).wait_for_publish(5)
-        mqtt_client(SERVER_USER, client_id=f"sidetune-server-{wid}").disconnect()  # drop the worker's session
+    with worker_and_device(mosquitto, redis_url, broker_accounts, mqtt_client, device_account, "idem",
+                           lease_seconds=3.0) as (worker, dev):
+        r = redis.Redis.from_url(redis_url)
+        try:
+            yield worker, dev, r
+        finally:
+            r.close()
 
 
 def train_to_done(dev: Device, job: Job, batches: list[bytes]) -> AdapterUpdate:
@@ -194,7 +83,7 @@ def train_to_done(dev: Device, job: Job, batches: list[bytes]) -> AdapterUpdate:
 
 def test_a_job_published_twice_is_answered_each_time_and_stored_once(env):
     worker, dev, r = env
-    job = make_job(dev.id)
+    job = make_job(dev.id, N)
     _, payload = encode(job)
     jobs_before = len(list(r.scan_iter(match="st:job:*")))  # the fixture's probe jobs
 
@@ -226,7 +115,7 @@ def test_a_job_published_twice_is_answered_each_time_and_stored_once(env):
 
 def test_an_activation_batch_delivered_twice_changes_nothing_and_the_job_trains_once(env):
     worker, dev, r = env
-    job = make_job(dev.id)
+    job = make_job(dev.id, N)
     dev.cache_report(encode(job)[1], job)
     first_half = encode(make_batch(job, job.keys[:6]))[1]
 
@@ -256,7 +145,7 @@ def test_an_activation_batch_delivered_twice_changes_nothing_and_the_job_trains_
 
 def test_replaying_a_finished_job_publishes_no_new_adapter(env):
     worker, dev, r = env
-    job = make_job(dev.id)
+    job = make_job(dev.id, N)
     job_payload = encode(job)[1]
     dev.cache_report(job_payload, job)
     batches = [encode(make_batch(job, job.keys[i : i + 4]))[1] for i in range(0, N, 4)]

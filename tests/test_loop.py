@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from edge_agent.agent import EdgeAgent
@@ -12,20 +10,15 @@ from tests.loop_helpers import (
     AgentThread,
     edge_settings,
     make_samples,
+    request_round,
     round_state,
     server_settings,
     start_worker,
     wait_for,
     write_jsonl,
 )
-from tests.tiny_models import exported_tiny
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_tiny(tmp_path_factory, "llama")[0]
 
 
 def test_two_rounds_lift_accuracy_and_reuse_the_cache(tmp_path, tiny_backbone, mosquitto, redis_url,
@@ -36,17 +29,13 @@ def test_two_rounds_lift_accuracy_and_reuse_the_cache(tmp_path, tiny_backbone, m
     worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER]))
     try:
         with AgentThread(EdgeAgent(settings)) as agent:
-            write_jsonl(agent.inbox / "a.jsonl", make_samples(300, seed=1))
-            wait_for(lambda: agent.ledger.count_new() == 300, 30, "the inbox to be read")
-            (agent.state_dir / "train.request").touch()
+            request_round(agent, make_samples(300, seed=1))
             r1 = wait_for(lambda: round_state(agent, 1), 120, "round 1")
             assert r1["state"] == "done", r1
             assert r1["forward_passes"] == 300 and r1["new_samples"] == 300
             assert r1["tuned_accuracy"] > r1["zero_shot_accuracy"] + 0.1, r1
 
-            write_jsonl(agent.inbox / "b.jsonl", make_samples(100, seed=2))
-            wait_for(lambda: agent.ledger.count_new() == 100, 30, "the second file")
-            (agent.state_dir / "train.request").touch()
+            request_round(agent, make_samples(100, seed=2), "b.jsonl", "the second file")
             r2 = wait_for(lambda: round_state(agent, 2), 120, "round 2")
             assert r2["state"] == "done", r2
             assert r2["samples"] == 400 and r2["new_samples"] == 100

@@ -7,10 +7,8 @@ what is wrong and whose ``code`` is the machine-readable reason.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import warnings
-import zlib
 from typing import Any
 
 import numpy as np
@@ -41,32 +39,9 @@ from schemas import (
 )
 from schemas.limits import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MAX_TENSOR_ELEMENTS
 from schemas.vectors import DEVICE, FINGERPRINT, SPEC, example_messages
+from tests.wire_helpers import frame, header_bytes, join, split
 
 # --------------------------------------------------------------------------- helpers: craft payloads
-
-
-def split(payload: bytes) -> tuple[dict[str, Any], list[bytes]]:
-    """A valid payload's header (as a dict) and its blobs."""
-    n = struct.unpack_from("<I", payload, 4)[0]
-    header = json.loads(payload[8 : 8 + n])
-    blobs, off = [], 8 + n
-    for size, _crc in header["blobs"]:
-        blobs.append(payload[off : off + size])
-        off += size
-    return header, blobs
-
-
-def join(header: dict[str, Any], blobs: list[bytes], *, fix_table: bool = True) -> bytes:
-    """A payload from a header and blobs (the blob table recomputed unless ``fix_table`` is false)."""
-    if fix_table:
-        header = {**header, "blobs": [[len(b), zlib.crc32(b)] for b in blobs]}
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return struct.pack("<4sI", b"STW1", len(head)) + head + b"".join(blobs)
-
-
-def frame(head: bytes, blobs: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
-    """A payload from raw header bytes (no re-serialisation)."""
-    return struct.pack("<4sI", b"STW1", len(head)) + head + b"".join(blobs)
 
 
 def reject(topic_: str, payload: Any, code: str, match: str) -> WireError:
@@ -258,7 +233,7 @@ def test_header_not_an_object(example):
 def test_header_non_json_numbers(constant):
     t, p = encode(EXAMPLES["progress"])
     header, blobs = split(p)
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = header_bytes(header)
     head = head.replace(b'"train_loss":0.25', b'"train_loss":' + constant.encode())
     reject(t, frame(head, blobs), "bad_payload", f"non-JSON number {constant}")
 
@@ -403,7 +378,7 @@ def test_largest_header_is_read():
     """A header of exactly MAX_HEADER_BYTES is parsed (and then judged on its content)."""
     t, p = encode(EXAMPLES["progress"])
     header, blobs = split(p)
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head = header_bytes(header)
     head = head + b" " * (MAX_HEADER_BYTES - len(head))
     assert decode(t, frame(head)) == EXAMPLES["progress"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,30 +29,24 @@ from schemas import (
     encode,
     encode_weights,
     expected_shapes,
-    topic,
 )
 from sidetune.services import SERVER_USER
 from tests.loop_helpers import (
     AgentThread,
+    clear_device,
     edge_settings,
     make_samples,
+    request_round,
     round_state,
     server_settings,
     start_worker,
     wait_for,
-    write_jsonl,
 )
-from tests.tiny_models import exported_tiny
 
 pytestmark = pytest.mark.integration
 
 N = 120
 CLASSES = ("fresh", "rotten")
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_tiny(tmp_path_factory, "llama")[0]
 
 
 class Sniffer:
@@ -83,12 +76,6 @@ def adapter_for(device: str, spec: SideNetSpec, fingerprint: str, version: int) 
                          spec=spec, weights=weights)
 
 
-def clear_adapter(mqtt_client, device: str) -> None:
-    """Leave no retained adapter on the device account for the next test that uses it."""
-    server = mqtt_client(SERVER_USER)
-    server.publish(topic(device, "adapter"), b"", qos=1, retain=True).wait_for_publish(5)
-
-
 def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets(
         tmp_path, tiny_backbone, mosquitto, redis_url, broker_accounts, device_account, mqtt_client):
     device, password = device_account
@@ -101,16 +88,13 @@ def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets(
     try:
         agent = EdgeAgent(settings)
         with AgentThread(agent):
-            write_jsonl(agent.inbox / "a.jsonl", samples)
-            wait_for(lambda: agent.ledger.count_new() == N, 30, "the inbox to be read")
-            (agent.state_dir / "train.request").touch()
+            request_round(agent, samples)
             r1 = wait_for(lambda: round_state(agent, 1), 60, "round 1")
             assert r1["state"] == "done", r1
             ledger = {s.key: s for s in agent.ledger.samples()}
     finally:
         worker.stop()
-        clear_adapter(mqtt_client, device)
-        mqtt_client(SERVER_USER, client_id=f"sidetune-server-priv-{device}").disconnect()
+        clear_device(mqtt_client, device, [f"priv-{device}"])
 
     seen = sniffer.of(device)
     kinds = [t.rsplit("/", 1)[1] for t, _ in seen]
@@ -198,4 +182,4 @@ def test_the_board_refuses_an_adapter_for_another_backbone_or_spec(tmp_path, tin
         assert not (agent.state_dir / "adapter" / "v2.safetensors").exists()
         assert not (agent.state_dir / "adapter" / "v3.safetensors").exists()
     finally:
-        clear_adapter(mqtt_client, device)
+        clear_device(mqtt_client, device)

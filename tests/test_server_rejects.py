@@ -7,15 +7,11 @@ device's downlinks; a real worker, Redis and mosquitto do the rest.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
 import struct
-import threading
 import time
-import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,163 +19,27 @@ import numpy as np
 import pytest
 
 from schemas import (
-    ActivationBatch,
-    CacheReport,
-    HyperParams,
     Job,
-    Message,
     Progress,
     Rejection,
-    SideNetSpec,
-    WireTensor,
-    decode,
     encode,
     topic,
 )
 from side_server.worker import Worker
-from sidetune.services import SERVER_USER
-from tests.loop_helpers import server_settings, start_worker
+from tests.loop_helpers import SPEC, Device, make_batch, make_job, worker_and_device
+from tests.wire_helpers import join, split
 
 pytestmark = pytest.mark.integration
 
-SPEC = SideNetSpec(num_states=5, width=16, taps=(2, 4), out_dim=4)
-FINGERPRINT = "ab" * 32
 MAX_AGE = 600.0
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-class Downlinks:
-    """Everything the server sends one device, decoded, in arrival order (live messages only)."""
-
-    def __init__(self, client, device: str) -> None:
-        self.device = device
-        self.messages: list[Message] = []
-        self._cond = threading.Condition()
-        subscribed = threading.Event()
-        client.on_message = self._on_message
-        client.on_subscribe = lambda *_: subscribed.set()
-        client.subscribe([(topic(device, k), 1) for k in ("cache", "progress", "adapter", "errors")])
-        assert subscribed.wait(5), "no SUBACK for the device's downlinks"
-
-    def _on_message(self, client, userdata, msg) -> None:
-        if msg.retain or not msg.payload:  # an old retained adapter, or one being cleared
-            return
-        m = decode(msg.topic, msg.payload)
-        with self._cond:
-            self.messages.append(m)
-            self._cond.notify_all()
-
-    def wait(self, pred: Callable[[Message], bool], timeout: float, what: str, start: int = 0) -> Message:
-        """The first message from index ``start`` on that satisfies ``pred``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for m in self.messages[start:]:
-                    if pred(m):
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; got "
-                                         f"{[type(m).__name__ for m in self.messages[start:]]}")
-                self._cond.wait(left)
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self.messages)
-
-
-def make_job(device: str, n: int = 6, job_id: str | None = None, **kw: object) -> Job:
-    rng = np.random.default_rng()
-    return Job(device_id=device, job_id=job_id or f"j-{uuid.uuid4().hex[:10]}", backbone_fingerprint=FINGERPRINT,
-               spec=SPEC, hyper=HyperParams(epochs=2, batch_size=4), keys=tuple(secrets.token_hex(32) for _ in range(n)),
-               targets=WireTensor.from_array(rng.normal(size=(n, SPEC.out_dim)), "float32"), **kw)
-
-
-def make_batch(job: Job, keys: tuple[str, ...] | None = None, shape: tuple[int, int] | None = None,
-               **kw: object) -> ActivationBatch:
-    keys = job.keys if keys is None else keys
-    s, d = shape or (SPEC.num_states, SPEC.width)
-    states = np.random.default_rng().normal(size=(len(keys), s, d))
-    base: dict[str, object] = dict(device_id=job.device_id, job_id=job.job_id,
-                                   backbone_fingerprint=job.backbone_fingerprint, keys=keys,
-                                   states=WireTensor.from_array(states, "float16"))
-    base.update(kw)
-    return ActivationBatch(**base)  # type: ignore[arg-type]
-
-
-def split_payload(payload: bytes) -> tuple[dict, list[bytes]]:
-    _, n = struct.unpack_from("<4sI", payload)
-    header = json.loads(payload[8 : 8 + n])
-    blobs, at = [], 8 + n
-    for size, _crc in header["blobs"]:
-        blobs.append(payload[at : at + size])
-        at += size
-    return header, blobs
-
-
-def join_payload(header: dict, blobs: list[bytes]) -> bytes:
-    """Re-frame a payload: fresh blob table (lengths, CRCs) and header length, so only the edit is wrong."""
-    header = dict(header, blobs=[[len(b), zlib.crc32(b)] for b in blobs])
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return struct.pack("<4sI", b"STW1", len(head)) + head + b"".join(blobs)
-
-
-@dataclass
-class Device:
-    id: str
-    client: object
-    down: Downlinks
-
-    def publish(self, t: str, payload: bytes) -> None:
-        info = self.client.publish(t, payload, qos=1)  # type: ignore[attr-defined]
-        info.wait_for_publish(5)
-        assert info.is_published(), f"the broker did not acknowledge the publish on {t}"
-
-    def send(self, msg: Message) -> None:
-        self.publish(*encode(msg))
-
-    def job_answered(self, job: Job, timeout: float = 10.0) -> CacheReport:
-        """Publish a job and wait for the server's CacheReport on it."""
-        start = len(self.down)
-        self.send(job)
-        rep = self.down.wait(lambda m: isinstance(m, CacheReport) and m.job_id == job.job_id, timeout,
-                             f"the CacheReport of job {job.job_id}", start)
-        assert isinstance(rep, CacheReport)
-        return rep
 
 
 @pytest.fixture
 def server_and_device(mosquitto, redis_url, broker_accounts, mqtt_client, device_account) -> Iterator[tuple[Worker, Device]]:
     """A worker in its own share group, and a device client already answered once (the worker is subscribed)."""
-    device, password = device_account
-    wid = f"rej-{uuid.uuid4().hex[:8]}"
-    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], worker_id=wid,
-                                          share_group=wid, max_message_age=MAX_AGE))
-    try:
-        client = mqtt_client(device, password)
-        dev = Device(device, client, Downlinks(client, device))
-        wait_until_subscribed(dev)
+    with worker_and_device(mosquitto, redis_url, broker_accounts, mqtt_client, device_account, "rej",
+                           max_message_age=MAX_AGE) as (worker, dev):
         yield worker, dev
-    finally:
-        worker.stop()
-        clear = mqtt_client(SERVER_USER)  # no retained adapter left for the next user of this device account
-        clear.publish(topic(device, "adapter"), b"", qos=1, retain=True).wait_for_publish(5)
-        # drop the worker's persistent session: a stale member of a share group keeps taking messages
-        mqtt_client(SERVER_USER, client_id=f"sidetune-server-{wid}").disconnect()
-
-
-def wait_until_subscribed(dev: Device) -> None:
-    """The worker subscribes in its connect callback: resend a probe job until one is answered."""
-    for _ in range(20):
-        job = make_job(dev.id, n=2)
-        try:
-            dev.job_answered(job, timeout=0.5)
-            return
-        except AssertionError:
-            continue
-    raise AssertionError("the worker never answered a probe job")
 
 
 # --------------------------------------------------------------------------- the bad messages
@@ -201,9 +61,9 @@ def _framed(dev: str, known: Job) -> tuple[str, bytes]:
 def _edit(edit: Callable[[dict, list[bytes]], None]) -> Callable[[str, Job], tuple[str, bytes, None]]:
     def build(dev: str, known: Job) -> tuple[str, bytes, None]:
         t, payload = _framed(dev, known)
-        header, blobs = split_payload(payload)
+        header, blobs = split(payload)
         edit(header, blobs)
-        return t, join_payload(header, blobs), None
+        return t, join(header, blobs), None
 
     return build
 

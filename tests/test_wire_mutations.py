@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from schemas import KINDS, Message, WireError, decode, encode, topic
 from schemas.vectors import DEVICE, example_messages
+from tests.wire_helpers import frame, header_bytes, split
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,20 +72,6 @@ def check(t: Any, payload: Any, outcome: Outcome | None = None, *, case: str = "
         if outcome:
             outcome.valid += 1
     return result
-
-
-def split(payload: bytes) -> tuple[dict[str, Any], list[bytes]]:
-    n = struct.unpack_from("<I", payload, 4)[0]
-    header = json.loads(payload[8 : 8 + n])
-    blobs, off = [], 8 + n
-    for size, _ in header["blobs"]:
-        blobs.append(payload[off : off + size])
-        off += size
-    return header, blobs
-
-
-def frame(head: bytes, blobs: list[bytes]) -> bytes:
-    return struct.pack("<4sI", b"STW1", len(head)) + head + b"".join(blobs)
 
 
 # --------------------------------------------------------------------------- sanity
@@ -329,7 +316,7 @@ def test_lone_surrogate_in_text_is_rejected():
     t, p = VECTORS["status"]
     header, blobs = split(p)
     header["body"]["agent_version"] = "\ud800"
-    payload = frame(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), blobs)
+    payload = frame(header_bytes(header), blobs)
     assert b"\\ud800" in payload
     r = check(t, payload, case="lone surrogate")
     assert isinstance(r, WireError) and "agent_version" in str(r), r
@@ -341,5 +328,5 @@ def test_crc_table_and_blob_sizes():
     header, blobs = split(p)
     moved = [blobs[0][:-4], blobs[0][-4:] + blobs[1]]
     header["blobs"] = [[len(b), zlib.crc32(b)] for b in moved]
-    r = check(t, frame(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), moved), case="moved")
+    r = check(t, frame(header_bytes(header), moved), case="moved")
     assert isinstance(r, WireError) and "bad tensor" in str(r)

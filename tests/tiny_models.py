@@ -90,15 +90,26 @@ def tiny_bert_tokenizer():
     return tok
 
 
+def _save_tiny(dir: str | Path, model_cls, config, tok, seed: int, **special_tokens: str) -> Path:
+    """Seed torch, build ``model_cls(config)`` and write it, with ``tok`` as a fast tokenizer, into ``dir``."""
+    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens).save_pretrained(out)
+    return out
+
+
 def make_tiny_llama(
     dir: str | Path, *, num_layers: int = 4, hidden_size: int = 32, seed: int = 0
 ) -> Path:
     """Write a tiny random ``LlamaForCausalLM`` + tokenizer into ``dir``; return it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = tiny_llama_tokenizer()
     vocab = tok.get_vocab()
     config = LlamaConfig(
@@ -116,28 +127,16 @@ def make_tiny_llama(
         initializer_range=0.2,
         rms_norm_eps=1e-5,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(out)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    ).save_pretrained(out)
-    return out
+    return _save_tiny(dir, LlamaForCausalLM, config, tok, seed,
+                      bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def make_tiny_bert(
     dir: str | Path, *, num_layers: int = 2, hidden_size: int = 32, seed: int = 0
 ) -> Path:
     """Write a tiny random ``BertModel`` (encoder, no head) + tokenizer into ``dir``."""
-    import torch
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
-    out = Path(dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = tiny_bert_tokenizer()
     vocab = tok.get_vocab()
     config = BertConfig(
@@ -151,18 +150,8 @@ def make_tiny_bert(
         pad_token_id=vocab["[PAD]"],
         initializer_range=0.2,
     )
-    torch.manual_seed(seed)
-    model = BertModel(config).eval()
-    model.save_pretrained(out)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    ).save_pretrained(out)
-    return out
+    return _save_tiny(dir, BertModel, config, tok, seed, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                      sep_token="[SEP]", mask_token="[MASK]")
 
 
 _EXPORTS: dict[tuple[str, str | None, int], tuple[Path, dict]] = {}
