@@ -129,6 +129,10 @@ class Transport:
             self.client.disconnect(properties=props)
         finally:
             self.client.loop_stop()
+            # paho keeps its wake-up socket pair until the client is collected; close it now.
+            reset = getattr(self.client, "_reset_sockets", None)
+            if reset is not None:
+                reset()
 
     # ------------------------------------------------------------ operations
 

@@ -92,6 +92,7 @@ class Worker:
         for t in self._threads:
             t.join(timeout=30)
         self.transport.stop(end_session=True)
+        self.r.close()
 
     def _connected(self, first: bool) -> None:
         """paho's thread. After a reconnect, uplinks sent while no worker was subscribed
