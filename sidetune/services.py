@@ -78,8 +78,26 @@ def render(template: Path, values: dict[str, str]) -> str:
     return text
 
 
+class _ChildService:
+    """A server run as a child process; stop and restart keep its port and state."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    def start(self) -> _ChildService:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def restart(self) -> None:
+        """Stop and start on the same port and state (mosquitto's retained messages and
+        Redis's append-only file persist)."""
+        self.stop()
+        self.start()
+
+
 @dataclass
-class Mosquitto:
+class Mosquitto(_ChildService):
     """A mosquitto child process with per-account passwords from ``accounts``."""
 
     state_dir: Path
@@ -133,17 +151,10 @@ class Mosquitto:
         _wait_for_port(self.proc, self.port, self.log, "mosquitto")
         return self
 
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    def restart(self) -> None:
-        """Stop and start on the same port and state (retained messages persist)."""
-        self.stop()
-        self.start()
 
 
 @dataclass
-class RedisServer:
+class RedisServer(_ChildService):
     state_dir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -170,13 +181,6 @@ class RedisServer:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_port(self.proc, self.port, self.log, "redis-server")
         return self
-
-    def stop(self) -> None:
-        _stop(self.proc)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 def make_test_ca(out: Path) -> Path:
