@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Fingerprint = str  # sha256 hex of backbone.onnx
+#: sha256 hex of backbone.onnx (the `Fingerprint` type in schemas.base checks it)
 FINGERPRINT_PATTERN = r"^[0-9a-f]{64}$"
 
 

@@ -105,9 +105,6 @@ class JobStore:
         pipe.scard(f"st:need:{device}:{job_id}")
         return int(pipe.execute()[1])
 
-    def still_needed(self, device: str, job_id: str) -> int:
-        return int(self.r.scard(f"st:need:{device}:{job_id}"))
-
     def mark_ready(self, device: str, job_id: str) -> None:
         self.r.zadd("st:ready", {f"{device}/{job_id}": time.time()}, nx=True)
 
