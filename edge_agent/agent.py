@@ -220,12 +220,15 @@ class EdgeAgent:
         elif asked:
             log.info("train requested, but no new samples wait")
 
-    def start_round(self) -> int:
+    def start_round(self) -> int | None:
         t0 = time.time()
         fresh = self.ledger.samples("round IS NULL AND prior IS NULL")
         passes = 0
         chunk = 64
         for i in range(0, len(fresh), chunk):
+            if self.stopping.is_set():  # SIGTERM: what was computed is kept, the round starts next time
+                log.info("stopping during forward passes (%d/%d kept)", passes, len(fresh))
+                return None
             part = fresh[i : i + chunk]
             f = self.fx.from_token_ids([s.token_ids for s in part])
             self.ledger.set_features([(s.key, f.prior[j], f.states[j]) for j, s in enumerate(part)])

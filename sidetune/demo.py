@@ -70,6 +70,7 @@ def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> sub
 def run_demo(args: argparse.Namespace) -> int:
     if args.devices < 1 or args.samples < 2 or args.holdout < 1 or args.epochs < 1:
         raise SystemExit("sidetune demo: --devices, --samples, --holdout and --epochs must be positive")
+    signal.signal(signal.SIGTERM, _terminate)  # run the clean-up below on `kill` too, not only on Ctrl-C
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sidetune-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"[demo] working in {work}")
@@ -143,6 +144,10 @@ def run_demo(args: argparse.Namespace) -> int:
         cache.stop()
         if not args.workdir and not os.environ.get("SIDETUNE_KEEP_DEMO"):
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _alive(procs: list[subprocess.Popen[bytes]]) -> None:
