@@ -14,11 +14,11 @@ from typing import cast
 import numpy as np
 import redis
 
-from schemas.tensors import WireTensor
+from schemas.tensors import DType, WireTensor
 
 _HEAD = struct.Struct("<BHH")
 _CODES = {"float32": 0, "float16": 1, "int8": 2}
-_NAMES = {v: k for k, v in _CODES.items()}
+_NAMES: dict[int, DType] = {0: "float32", 1: "float16", 2: "int8"}
 _ITEM = {"float32": 4, "float16": 2, "int8": 1}
 
 
@@ -63,19 +63,28 @@ class ActivationCache:
         for start in range(0, len(keys), 256):
             chunk = list(keys[start : start + 256])
             for k, blob in zip(chunk, self.r.mget([act_key(device, k) for k in chunk])):
-                if blob is None:
-                    gone.append(k)
+                row = _decode_row(cast(bytes, blob)) if blob is not None else None
+                if row is None or row.shape[0] <= max(idx):
+                    gone.append(k)  # expired, evicted or unreadable: ask the board again
                     continue
-                rows.append(_decode_row(cast(bytes, blob))[idx])
+                rows.append(row[idx])
         if gone:
             return None, gone
         return np.stack(rows), []
 
 
-def _decode_row(blob: bytes) -> np.ndarray:
+def _decode_row(blob: bytes) -> np.ndarray | None:
+    """One cached sample's states ``(L+1, d)``, or None if the entry is damaged."""
+    if len(blob) < _HEAD.size:
+        return None
     code, s, d = _HEAD.unpack_from(blob)
-    dtype = _NAMES[code]
+    dtype = _NAMES.get(code)
+    if dtype is None:
+        return None
     n = s * d * _ITEM[dtype]
     data = blob[_HEAD.size : _HEAD.size + n]
     scale = blob[_HEAD.size + n :] if dtype == "int8" else None
-    return WireTensor.model_construct(dtype=dtype, shape=(s, d), data=data, scale=scale).to_array()
+    try:  # validated like anything from the wire: lengths, finite values, scales
+        return WireTensor(dtype=dtype, shape=(s, d), data=data, scale=scale).to_array()
+    except ValueError:
+        return None

@@ -127,6 +127,18 @@ class JobStore:
         pipe.delete(f"st:ckpt:{device}:{job_id}", f"st:need:{device}:{job_id}")
         pipe.execute()
 
+    def failed_attempt(self, device: str, job_id: str) -> int:
+        return int(self.r.hincrby(f"st:job:{device}:{job_id}", "attempts", 1))
+
+    def fail(self, device: str, job_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(f"st:job:{device}:{job_id}", "state", "failed")
+        pipe.expire(f"st:job:{device}:{job_id}", DONE_RETENTION)
+        pipe.zrem("st:ready", f"{device}/{job_id}")
+        pipe.srem("st:active", f"{device}/{job_id}")
+        pipe.delete(f"st:ckpt:{device}:{job_id}", f"st:need:{device}:{job_id}")
+        pipe.execute()
+
     # ------------------------------------------------------------ leases
 
     def lease(self, device: str, job_id: str, worker: str, seconds: float) -> bool:

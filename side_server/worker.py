@@ -26,7 +26,7 @@ from schemas.jobs import CacheReport, Job
 from schemas.progress import Progress
 from schemas.status import DeviceStatus, Rejection
 from schemas.topics import UPLINK_KINDS, Topic, subscription
-from schemas.transport import BrokerAddress, Incoming, Transport
+from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
 from schemas.wire import decode, encode
 from side_server.cache import ActivationCache
 from side_server.config import ServerSettings
@@ -34,6 +34,9 @@ from side_server.store import JobRecord, JobStore, job_digest
 from side_server.trainer import EpochReport, train
 
 log = logging.getLogger("sidetune.server")
+
+#: A job whose training raises this many times is failed (and the board told why).
+MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -194,6 +197,10 @@ class Worker:
     def _answer_again(self, rec: JobRecord) -> None:
         """A resent job: say again what is missing (or that it is done); change nothing."""
         job = rec.job
+        if rec.state == "failed":
+            self._send(Progress(device_id=job.device_id, job_id=job.job_id, state="failed",
+                                detail="this job failed on the server; send a new job"))
+            return
         if rec.state == "done":
             self._send(Progress(device_id=job.device_id, job_id=job.job_id, state="done", epoch=job.hyper.epochs,
                                 epochs=job.hyper.epochs, samples_cached=len(job.keys), samples_total=len(job.keys),
@@ -220,7 +227,7 @@ class Worker:
             raise Rejected("invalid", f"{len(stray)} keys of this batch are not in job {job.job_id}")
         self.cache.put_batch(batch.device_id, batch.keys, batch.states)
         self.stats.samples_cached += len(batch.keys)
-        if rec.state == "done":
+        if rec.state in ("done", "failed"):
             return
         left = self.store.received(batch.device_id, batch.job_id, batch.keys)
         self._send(Progress(device_id=job.device_id, job_id=job.job_id, state="waiting",
@@ -244,18 +251,30 @@ class Worker:
                     continue
                 try:
                     self.run_job(*picked)
+                except (redis.RedisError, TransportError):
+                    raise
+                except Exception as e:  # a job that cannot train must not spin forever
+                    self._job_error(picked[0], picked[1], e)
                 finally:
                     self.store.release(picked[0], picked[1], self.s.worker_id)
-            except redis.RedisError as e:
+            except (redis.RedisError, TransportError) as e:
                 log.warning("redis unavailable in the training loop (%s); retrying", e)
                 time.sleep(1.0)
             except Exception:
                 log.exception("training loop error")
                 time.sleep(1.0)
 
+    def _job_error(self, device: str, job_id: str, error: Exception) -> None:
+        attempts = self.store.failed_attempt(device, job_id)
+        log.exception("job %s/%s failed (attempt %d of %d)", device, job_id, attempts, MAX_ATTEMPTS)
+        if attempts >= MAX_ATTEMPTS:
+            self.store.fail(device, job_id)
+            self._send(Progress(device_id=device, job_id=job_id, state="failed",
+                                detail=f"training failed {attempts} times: {type(error).__name__}: {error}"[:2000]))
+
     def run_job(self, device: str, job_id: str) -> None:
         rec = self.store.get(device, job_id)
-        if rec is None or rec.state == "done":
+        if rec is None or rec.state in ("done", "failed"):
             self.store.unready(device, job_id)
             return
         job = rec.job

@@ -170,3 +170,20 @@ def test_job_records_survive_a_restart(redis_server, redis_url):
         assert r.get("job:durable") == b"state"
         assert r.get("act:durable") == b"cached"
         assert 0 < r.ttl("act:durable") <= 3600
+
+
+def test_a_damaged_cache_entry_is_asked_from_the_board_again(redis_url):
+    """A cached row that no longer decodes counts as missing, like an evicted one."""
+    from side_server.cache import ActivationCache, act_key
+
+    r = redis.Redis.from_url(redis_url)
+    cache = ActivationCache(r, ttl=60)
+    keys = tuple(f"{i:064x}" for i in range(3))
+    states = WireTensor.from_array(np.ones((3, 5, 16), np.float32), "float16")
+    cache.put_batch("dev-x", keys, states)
+    got, gone = cache.get_many("dev-x", keys, (2, 4))
+    assert gone == [] and got is not None and got.shape == (3, 2, 16)
+    r.set(act_key("dev-x", keys[1]), b"\x01\x05\x00\x10\x00" + b"\x00" * 7)  # truncated
+    r.set(act_key("dev-x", keys[2]), b"\x09")  # not even a header
+    got, gone = cache.get_many("dev-x", keys, (2, 4))
+    assert got is None and gone == [keys[1], keys[2]]
