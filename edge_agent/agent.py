@@ -318,8 +318,7 @@ class EdgeAgent:
         if not todo:
             return
         self.ledger.update_round(r.number, state="uploading")
-        by_key = {s.key: s for s in self.ledger.samples(f"key IN ({','.join('?' * len(todo))})", tuple(todo))} \
-            if len(todo) < 900 else {s.key: s for s in self.ledger.samples() if s.key in set(todo)}
+        by_key = self.ledger.samples_by_key(todo)
         lost = [k for k in todo if k not in by_key]
         if lost:
             log.warning("round %d: server asks for %d keys this board does not know", r.number, len(lost))

@@ -105,6 +105,14 @@ class Ledger:
         return [Sample(k, int(y), np.frombuffer(t, "<i4").tolist(), None if p is None else np.frombuffer(p, "<f4").copy(), s)
                 for k, y, t, p, s in rows]
 
+    def samples_by_key(self, keys: list[str]) -> dict[str, Sample]:
+        """The samples of these keys (unknown keys are left out)."""
+        out: dict[str, Sample] = {}
+        for i in range(0, len(keys), 500):  # SQLite's limit on bound parameters
+            part = tuple(keys[i : i + 500])
+            out.update((s.key, s) for s in self.samples(f"key IN ({','.join('?' * len(part))})", part))
+        return out
+
     def set_features(self, items: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
         """Store prior (C,) and states (L+1, d) of freshly computed samples."""
         with self.tx() as db:
