@@ -236,7 +236,7 @@ class EdgeAgent:
             self.ledger.set_meta("activity", f"forward passes {passes}/{len(fresh)}")
             log.info("forward passes: %d/%d", passes, len(fresh))
         everything = self.ledger.samples("prior IS NOT NULL")
-        n_new = sum(1 for _ in self.ledger.samples("round IS NULL AND prior IS NOT NULL"))
+        n_new = self.ledger.count_new()  # every new sample has its prior by now
         labels = np.array([s.label for s in everything])
         prior = np.stack([s.prior for s in everything if s.prior is not None])
         rng = np.random.default_rng(int.from_bytes(uuid.uuid4().bytes[:8], "little"))

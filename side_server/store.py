@@ -119,20 +119,18 @@ class JobStore:
         return out
 
     def finish(self, device: str, job_id: str) -> None:
-        pipe = self.r.pipeline()
-        pipe.hset(f"st:job:{device}:{job_id}", "state", "done")
-        pipe.expire(f"st:job:{device}:{job_id}", DONE_RETENTION)
-        pipe.zrem("st:ready", f"{device}/{job_id}")
-        pipe.srem("st:active", f"{device}/{job_id}")
-        pipe.delete(f"st:ckpt:{device}:{job_id}", f"st:need:{device}:{job_id}")
-        pipe.execute()
+        self._close(device, job_id, "done")
 
     def failed_attempt(self, device: str, job_id: str) -> int:
         return int(self.r.hincrby(f"st:job:{device}:{job_id}", "attempts", 1))
 
     def fail(self, device: str, job_id: str) -> None:
+        self._close(device, job_id, "failed")
+
+    def _close(self, device: str, job_id: str, state: str) -> None:
+        """End a job: keep its record a while, drop its queue entries, checkpoint and need set."""
         pipe = self.r.pipeline()
-        pipe.hset(f"st:job:{device}:{job_id}", "state", "failed")
+        pipe.hset(f"st:job:{device}:{job_id}", "state", state)
         pipe.expire(f"st:job:{device}:{job_id}", DONE_RETENTION)
         pipe.zrem("st:ready", f"{device}/{job_id}")
         pipe.srem("st:active", f"{device}/{job_id}")

@@ -206,7 +206,7 @@ class Worker:
                                 epochs=job.hyper.epochs, samples_cached=len(job.keys), samples_total=len(job.keys),
                                 detail=f"adapter version {rec.version} published"))
             return
-        missing = [k for k in self.cache.missing(job.device_id, job.keys)]
+        missing = self.cache.missing(job.device_id, job.keys)
         self.store.need(job.device_id, job.job_id, missing)
         self._send(CacheReport(device_id=job.device_id, job_id=job.job_id, total=len(job.keys),
                                missing=tuple(missing)))
