@@ -210,6 +210,11 @@ class Worker:
         self.store.need(job.device_id, job.job_id, missing)
         self._send(CacheReport(device_id=job.device_id, job_id=job.job_id, total=len(job.keys),
                                missing=tuple(missing)))
+        if not missing and rec.state == "waiting":
+            # everything is cached, though a worker may have died before counting the last batch:
+            # clear the need set and mark the job ready (both idempotent)
+            self.store.received(job.device_id, job.job_id, job.keys)
+            self.store.mark_ready(job.device_id, job.job_id)
 
     def on_activations(self, batch: ActivationBatch) -> None:
         rec = self.store.get(batch.device_id, batch.job_id)

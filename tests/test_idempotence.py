@@ -171,3 +171,25 @@ def test_replaying_a_finished_job_publishes_no_new_adapter(env):
     assert r.get(f"st:adapter_ver:{dev.id}") == b"1"
     assert cached(r, dev.id, job.keys) == content
     assert job_state(r, dev.id) == state
+
+
+def test_a_resent_job_whose_samples_were_cached_by_a_dead_worker_trains(env):
+    """A worker that stored a batch and died before counting it leaves the job waiting with
+    everything cached: the board's resend of the job must start the training."""
+    worker, dev, r = env
+    job = make_job(dev.id, N)
+    dev.cache_report(encode(job)[1], job)
+    batch = make_batch(job)
+    worker.cache.put_batch(dev.id, batch.keys, batch.states)  # cached, never counted
+    assert r.scard(f"st:need:{dev.id}:{job.job_id}") == N
+    time.sleep(1.0)
+    assert r.hget(f"st:job:{dev.id}:{job.job_id}", "state") == b"waiting"
+
+    start = len(dev.down)
+    rep = dev.cache_report(fresh_envelope(job), job)
+    assert rep.missing == ()
+    done = dev.down.wait(lambda m: isinstance(m, Progress) and m.job_id == job.job_id and m.state == "done", 20,
+                         f"job {job.job_id} done", start)
+    assert isinstance(done, Progress)
+    assert worker.stats.jobs_trained == 1
+    assert not dev.down.since(0, Rejection)
