@@ -134,7 +134,7 @@ def _add_edge_commands(edge: argparse.ArgumentParser) -> None:
 
 def _add_demo_options(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--devices", type=int, default=2)
-    demo.add_argument("--samples", type=int, default=1600, help="training samples per device by the last round")
+    demo.add_argument("--samples", type=int, default=1900, help="training samples per device by the last round")
     demo.add_argument("--holdout", type=int, default=500, help="held-out samples per device")
     demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--backbone", default=None, help="exported backbone folder (exported on first use)")

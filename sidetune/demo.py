@@ -27,8 +27,10 @@ from edge_agent.ledger import Ledger
 from sidetune.data import Review, load_reviews, shards
 from sidetune.services import SERVER_USER, Mosquitto, RedisServer
 
+# SmolLM2-135M-Instruct's own chat format. Its pivot states separate fresh from rotten better than
+# a plain "Review: {text}\nSentiment:" prompt does (README, "The demo's prompt").
 TASK = '''name = "rotten-tomatoes"
-template = "Review: {text}\\nSentiment:"
+template = "<|im_start|>user\\nIs the sentiment of this movie review positive or negative?\\n\\n{text}<|im_end|>\\n<|im_start|>assistant\\nThe sentiment is"
 classes = ["fresh", "rotten"]
 verbalizers = [" positive", " negative"]
 '''

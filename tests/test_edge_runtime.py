@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from edge_agent.backbone import Backbone, BackboneError
+from edge_agent.evaluate import load_holdout
 from edge_agent.features import FeatureExtractor, Features, default_taps, softmax
 from edge_agent.keys import sample_key
 from edge_agent.task import TaskError, TaskSpec
@@ -316,6 +317,24 @@ def test_extract(bb, task):
     )
     with pytest.raises(TypeError):
         fx.extract("one text")  # type: ignore[arg-type]
+
+
+def test_held_out_features_are_cached_per_task(bb, task, tmp_path):
+    """The held-out cache is keyed by the file, the backbone and the prompt: a new template must
+    not reuse the features computed under the old one."""
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": t, "label": "positive" if i % 2 else "negative"}) + "\n"
+                            for i, t in enumerate(TEXTS)))
+    first = load_holdout(held, FeatureExtractor(bb, task, max_length=32), tmp_path)
+    again = load_holdout(held, FeatureExtractor(bb, task, max_length=32), tmp_path)
+    np.testing.assert_array_equal(first.prior, again.prior)
+    assert len(list(tmp_path.glob("holdout-*.npz"))) == 1
+    other = TaskSpec.from_dict({**SENTIMENT, "template": "Is this review good? {text} Answer:"})
+    fx = FeatureExtractor(bb, other, max_length=32)
+    changed = load_holdout(held, fx, tmp_path)
+    assert len(list(tmp_path.glob("holdout-*.npz"))) == 2
+    np.testing.assert_allclose(changed.prior, fx.extract(TEXTS).prior, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(changed.prior, first.prior)
 
 
 def test_extract_encoder_uniform_prior(enc, task):
