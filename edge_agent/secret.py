@@ -23,6 +23,13 @@ class DeviceSecret:
     key: bytes
     basis: np.ndarray  # (K, K) orthogonal; first C columns are M
 
+    @classmethod
+    def generate(cls, out_dim: int, rng: np.random.Generator | None = None) -> DeviceSecret:
+        """A new secret: 32 random key bytes and a uniformly random orthogonal (K, K) basis."""
+        rng = rng or np.random.default_rng(int.from_bytes(secrets.token_bytes(16), "little"))
+        q, r = np.linalg.qr(rng.normal(size=(out_dim, out_dim)))
+        return cls(secrets.token_bytes(32), q * np.sign(np.diag(r)))
+
     def mixing(self, num_classes: int) -> np.ndarray:
         """M: (K, C)."""
         return self.basis[:, :num_classes]
@@ -51,10 +58,8 @@ def load_or_create(state_dir: Path, out_dim: int) -> DeviceSecret:
             raise ValueError(f"{path} holds a {basis.shape[0]}-wide secret but out_dim is {out_dim}; "
                              "keep out_dim, or start a new state directory")
         return DeviceSecret(bytes.fromhex(data["key"]), basis)
-    rng = np.random.default_rng(int.from_bytes(secrets.token_bytes(16), "little"))
-    q, r = np.linalg.qr(rng.normal(size=(out_dim, out_dim)))
-    q = q * np.sign(np.diag(r))  # a uniformly random orthogonal matrix
-    key = secrets.token_bytes(32)
+    fresh = DeviceSecret.generate(out_dim)
+    key, q = fresh.key, fresh.basis
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -64,6 +64,29 @@ def cmd_bench_backbone(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from edge_agent.backbone import BackboneError
+    from edge_agent.task import TaskError
+    from sidetune.bench_accuracy import run_accuracy_bench
+    from sidetune.data import DataError
+    from sidetune.demo import default_backbone_dir, default_home
+
+    if min(args.train, args.holdout, args.splits, args.epochs) < 1:
+        raise CliError("--train, --holdout, --splits and --epochs must be positive")
+    backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
+    if not (backbone / "manifest.json").exists():
+        raise CliError(f"{backbone} holds no exported backbone: run `sidetune demo` once, or "
+                       f"`sidetune export --model smollm2-135m --out {backbone}`")
+    try:
+        run_accuracy_bench(backbone, args.task or ["chat", "plain"], train=args.train, holdout=args.holdout,
+                           splits=args.splits, epochs=args.epochs, cache_dir=default_home() / "features",
+                           json_path=Path(args.json) if args.json else None,
+                           progress=lambda m: print(f"[bench] {m}", flush=True))
+    except (BackboneError, TaskError, DataError, ValueError) as e:
+        raise CliError(str(e)) from None
+    return EXIT_OK
+
+
 def cmd_edge(args: argparse.Namespace) -> int:
     from edge_agent import cli as edge_cli
 
@@ -105,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--backbone", required=True, help="an exported backbone folder")
     bb.add_argument("--json", help="also write the results here")
     bb.set_defaults(func=cmd_bench_backbone)
+    ba = bench.add_parser("accuracy", help="held-out accuracy: backbone alone, side network, labels in the clear")
+    ba.add_argument("--backbone", default=None, help="an exported backbone folder (the demo's by default)")
+    ba.add_argument("--task", action="append", default=None,
+                    help="chat (the demo's prompt), plain (Review: ... Sentiment:) or a task TOML with classes "
+                         "fresh and rotten; repeatable; default: chat and plain")
+    ba.add_argument("--train", type=int, default=1600, help="training samples per split")
+    ba.add_argument("--holdout", type=int, default=1000, help="held-out samples per split")
+    ba.add_argument("--splits", type=int, default=5, help="random splits to average over")
+    ba.add_argument("--epochs", type=int, default=20)
+    ba.add_argument("--json", help="also write the results here")
+    ba.set_defaults(func=cmd_bench_accuracy)
 
     edge = sub.add_parser("edge", help="the board's agent")
     edge.set_defaults(func=cmd_edge, edge_parser=edge)

@@ -37,9 +37,13 @@ verbalizers = [" positive", " negative"]
 ROUND_TIMEOUT = 3600.0
 
 
+def default_home() -> Path:
+    """Where exported backbones and cached features live: $SIDETUNE_HOME or ~/.cache/sidetune."""
+    return Path(os.environ.get("SIDETUNE_HOME", Path.home() / ".cache" / "sidetune"))
+
+
 def default_backbone_dir() -> Path:
-    home = Path(os.environ.get("SIDETUNE_HOME", Path.home() / ".cache" / "sidetune"))
-    return home / "backbones" / "smollm2-135m"
+    return default_home() / "backbones" / "smollm2-135m"
 
 
 def ensure_backbone(path: Path | None) -> Path:
