@@ -8,7 +8,13 @@ import pytest
 
 from edge_agent.backbone import Backbone
 from schemas.spec import HyperParams
-from sidetune.bench_accuracy import TaskFeatures, builtin_task, compare_on_features, extract_all, format_report
+from sidetune.bench_accuracy import (
+    TaskFeatures,
+    builtin_task,
+    compare_on_features,
+    extract_all,
+    format_report,
+)
 from sidetune.cli import main
 from sidetune.data import Review
 
