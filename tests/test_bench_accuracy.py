@@ -13,6 +13,7 @@ from sidetune.bench_accuracy import (
     builtin_task,
     compare_on_features,
     extract_all,
+    fit_bias,
     format_report,
 )
 from sidetune.cli import main
@@ -39,9 +40,9 @@ def synthetic(n: int = 600, seed: int = 0) -> TaskFeatures:
 def test_the_side_network_learns_what_the_prior_misses_with_and_without_mixing():
     res = compare_on_features(synthetic(), train=400, holdout=200, splits=2, hyper=HyperParams(epochs=30, lr=3e-3),
                               progress=lambda m: None)
-    for k in ("zero_shot", "mixed", "clear"):
+    for k in ("zero_shot", "recalibrated", "mixed", "clear"):
         assert len(res[k]["splits"]) == 2 and res[k]["mean"] == pytest.approx(np.mean(res[k]["splits"]))
-    assert 0.5 < res["zero_shot"]["mean"] < 0.7
+    assert 0.5 < res["zero_shot"]["mean"] < 0.7 and 0.5 < res["recalibrated"]["mean"] < 0.7
     assert res["mixed"]["mean"] > 0.9 and res["clear"]["mean"] > 0.9
     again = compare_on_features(synthetic(), train=400, holdout=200, splits=2, hyper=HyperParams(epochs=30, lr=3e-3),
                                 progress=lambda m: None)
@@ -49,6 +50,17 @@ def test_the_side_network_learns_what_the_prior_misses_with_and_without_mixing()
     table = format_report({"splits": 2, "reviews": 600, "train": 400, "holdout": 200, "hyper": {"epochs": 30},
                            "tasks": [{"task": "synthetic", "seconds": 1.0, **res}]})
     assert f"{res['mixed']['mean']:.3f} ± {res['mixed']['std']:.3f}" in table
+
+
+def test_recalibration_removes_a_prior_s_lean():
+    """A prior that always leans to class 0 but ranks the samples right: one bias fixes it."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 500)
+    p0 = np.clip(np.where(labels == 0, 0.95, 0.75) + rng.normal(0, 0.02, 500), 0.01, 0.99)
+    prior = np.stack([p0, 1 - p0], 1)
+    assert np.mean(prior.argmax(1) == labels) < 0.6
+    b = fit_bias(prior[:300], labels[:300])
+    assert np.mean((np.log(prior[300:]) + b).argmax(1) == labels[300:]) > 0.95
 
 
 def test_too_few_samples_is_a_clear_error():
