@@ -155,7 +155,7 @@ def compare_on_features(f: TaskFeatures, *, train: int, holdout: int, splits: in
 
 
 def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, holdout: int, splits: int,
-                       epochs: int, cache_dir: Path, json_path: Path | None = None,
+                       epochs: int, cache_dir: Path, noise_std: float | None = None, json_path: Path | None = None,
                        progress: Progress = print) -> dict[str, Any]:
     from sidetune.data import load_reviews
 
@@ -166,8 +166,10 @@ def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, 
         raise ValueError(f"--train {train} + --holdout {holdout} is more than the {len(reviews)} reviews there are")
     reviews = [reviews[i] for i in np.random.default_rng(0).permutation(len(reviews))[: train + holdout]]
     hyper = HyperParams(epochs=epochs)
+    noise = float(defaults["noise_std"].default) if noise_std is None else noise_std
     report: dict[str, Any] = {"backbone": backbone.fingerprint, "reviews": len(reviews), "train": train,
-                              "holdout": holdout, "splits": splits, "hyper": hyper.model_dump(), "tasks": []}
+                              "holdout": holdout, "splits": splits, "hyper": hyper.model_dump(),
+                              "noise_std": noise, "tasks": []}
     for name in tasks:
         task = builtin_task(name)
         t0 = time.perf_counter()
@@ -175,7 +177,7 @@ def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, 
         res = compare_on_features(f, train=train, holdout=holdout, splits=splits, hyper=hyper,
                                   out_dim=int(defaults["out_dim"].default),
                                   bottleneck=int(defaults["bottleneck"].default),
-                                  noise_std=float(defaults["noise_std"].default), progress=progress)
+                                  noise_std=noise, progress=progress)
         report["tasks"].append({"task": name, "template": task.template, "verbalizers": list(task.verbalizers),
                                 "seconds": round(time.perf_counter() - t0, 1), **res})
     print(format_report(report))
@@ -187,7 +189,8 @@ def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, 
 
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"held-out accuracy, mean ± std over {report['splits']} random splits of {report['reviews']} reviews "
-             f"({report['train']} train / {report['holdout']} held out, {report['hyper']['epochs']} epochs)",
+             f"({report['train']} train / {report['holdout']} held out, {report['hyper']['epochs']} epochs, "
+             f"noise {report['noise_std']})",
              f"{'task':>8} {'zero-shot':>15} {'recalibrated':>15} {'mixed (product)':>17} {'labels in clear':>17}"
              f" {'seconds':>8}"]
     for t in report["tasks"]:

@@ -73,6 +73,8 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
 
     if min(args.train, args.holdout, args.splits, args.epochs) < 1:
         raise CliError("--train, --holdout, --splits and --epochs must be positive")
+    if args.noise is not None and not 0 <= args.noise <= 10:
+        raise CliError("--noise must be between 0 and 10")
     backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
     if not (backbone / "manifest.json").exists():
         raise CliError(f"{backbone} holds no exported backbone: run `sidetune demo` once, or "
@@ -80,6 +82,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     try:
         run_accuracy_bench(backbone, args.task or ["chat", "plain"], train=args.train, holdout=args.holdout,
                            splits=args.splits, epochs=args.epochs, cache_dir=default_home() / "features",
+                           noise_std=args.noise,
                            json_path=Path(args.json) if args.json else None,
                            progress=lambda m: print(f"[bench] {m}", flush=True))
     except (BackboneError, TaskError, DataError, ValueError) as e:
@@ -137,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--holdout", type=int, default=1000, help="held-out samples per split")
     ba.add_argument("--splits", type=int, default=5, help="random splits to average over")
     ba.add_argument("--epochs", type=int, default=20)
+    ba.add_argument("--noise", type=float, default=None,
+                    help="std of the noise in the K−C extra target dimensions (the agent's noise_std by default)")
     ba.add_argument("--json", help="also write the results here")
     ba.set_defaults(func=cmd_bench_accuracy)
 

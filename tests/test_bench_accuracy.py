@@ -48,6 +48,7 @@ def test_the_side_network_learns_what_the_prior_misses_with_and_without_mixing()
                                 progress=lambda m: None)
     assert again == res  # the splits, the secrets and the training are seeded
     table = format_report({"splits": 2, "reviews": 600, "train": 400, "holdout": 200, "hyper": {"epochs": 30},
+                           "noise_std": 0.25,
                            "tasks": [{"task": "synthetic", "seconds": 1.0, **res}]})
     assert f"{res['mixed']['mean']:.3f} ± {res['mixed']['std']:.3f}" in table
 
