@@ -3,8 +3,11 @@
 Created on first start in the state directory (mode 0600) and never sent.
 ``M`` (K×C) has orthonormal columns; the other K−C directions of a random
 orthogonal basis carry noise, so the server sees ``M·(onehot(y) − p_b) + noise``
-and learns neither which class is which nor how many there are. It still sees
-the class partition (DESIGN.md §2.5): this is not label differential privacy.
+and does not learn which class is which. It still sees the class partition
+(the first principal component of the targets splits the samples by class,
+DESIGN.md §2.5) and, at any noise level that costs little accuracy, the number
+of classes (C − 1 components stand out of the noise floor): this is not label
+differential privacy.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from edge_agent.config import EdgeSettings
 from edge_agent.secret import DeviceSecret
 from edge_agent.sidenet import SideNetForward
 from schemas import HyperParams, SideNetSpec, WeightsError, decode_weights, expected_shapes
@@ -105,3 +106,22 @@ def test_mixed_targets_unmix_to_the_residual_and_hide_the_plain_one():
     assert targets.shape == (50, 8)
     np.testing.assert_allclose(secret.unmix(targets, 2), residual, atol=1e-5)  # the noise sits in the other 6 dims
     assert not np.allclose(targets[:, :2], residual, atol=1e-2)  # what travels is not the plain residual
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_what_mixing_does_not_hide_the_class_partition_and_count(classes):
+    """The limits the README states, checked: with the default noise, C − 1 principal components of the
+    mixed targets stand far out of the noise floor, and the first one splits the samples by class."""
+    rng = np.random.default_rng(classes)
+    n = 2000
+    secret = DeviceSecret.generate(8, rng)
+    labels = rng.integers(0, classes, n)
+    prior = rng.dirichlet(np.ones(classes), size=n) * 0.5 + np.eye(classes)[labels] * 0.2 + 0.3 / classes
+    targets = secret.targets(labels, prior, EdgeSettings.model_fields["noise_std"].default, rng)
+    eig, vec = np.linalg.eigh(np.cov(targets.T))
+    eig = eig[::-1]
+    floor = np.median(eig[classes:])
+    assert (eig > 5 * floor).sum() == classes - 1
+    pc = (targets - targets.mean(0)) @ vec[:, -1]
+    if classes == 2:  # one component: its sign is the class
+        assert max(np.mean((pc > 0) == (labels == k)) for k in range(2)) > 0.95
