@@ -160,6 +160,7 @@ def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, 
     from sidetune.data import load_reviews
 
     defaults = EdgeSettings.model_fields
+    chosen = [(name, builtin_task(name)) for name in tasks]  # a bad task file fails before any work
     backbone = Backbone.load(backbone_dir, threads=2)
     reviews = load_reviews()
     if train + holdout > len(reviews):
@@ -170,8 +171,7 @@ def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, 
     report: dict[str, Any] = {"backbone": backbone.fingerprint, "reviews": len(reviews), "train": train,
                               "holdout": holdout, "splits": splits, "hyper": hyper.model_dump(),
                               "noise_std": noise, "tasks": []}
-    for name in tasks:
-        task = builtin_task(name)
+    for name, task in chosen:
         t0 = time.perf_counter()
         f = extract_all(backbone, task, reviews, cache_dir, int(defaults["max_length"].default), progress)
         res = compare_on_features(f, train=train, holdout=holdout, splits=splits, hyper=hyper,

@@ -85,7 +85,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
                            noise_std=args.noise,
                            json_path=Path(args.json) if args.json else None,
                            progress=lambda m: print(f"[bench] {m}", flush=True))
-    except (BackboneError, TaskError, DataError, ValueError) as e:
+    except (BackboneError, TaskError, DataError, ValueError, OSError) as e:
         raise CliError(str(e)) from None
     return EXIT_OK
 

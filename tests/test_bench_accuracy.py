@@ -93,3 +93,17 @@ def test_the_command_explains_a_missing_backbone_and_bad_numbers(tmp_path, capsy
     assert "holds no exported backbone" in capsys.readouterr().err
     assert main(["bench", "accuracy", "--splits", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_the_command_explains_a_bad_task_file(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SIDETUNE_HOME", str(tmp_path))  # no feature cache in the real home
+    backbone = exported_tiny(tmp_path_factory, "llama")[0]
+    missing = tmp_path / "missing.toml"
+    assert main(["bench", "accuracy", "--backbone", str(backbone), "--task", str(missing)]) == 2
+    assert "not found" in capsys.readouterr().err
+    other = tmp_path / "other.toml"
+    other.write_text('name = "x"\ntemplate = "{text} is"\nclasses = ["good", "bad"]\nverbalizers = [" good", " bad"]\n')
+    assert main(["bench", "accuracy", "--backbone", str(backbone), "--task", str(other), "--train", "5",
+                 "--holdout", "5", "--splits", "1"]) == 2
+    assert "unknown class 'fresh'" in capsys.readouterr().err
+
