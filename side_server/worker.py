@@ -45,6 +45,7 @@ class Stats:
     rejected: int = 0
     samples_cached: int = 0
     jobs_trained: int = 0
+    epochs_trained: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
 
 
@@ -298,6 +299,7 @@ class Worker:
         t0 = time.perf_counter()
 
         def on_epoch(rep: EpochReport, blob: bytes) -> bool:
+            self.stats.epochs_trained += 1
             if self.stopping.is_set() or not self.store.renew(device, job_id, self.s.worker_id, self.s.lease_seconds):
                 return False
             self.store.save_checkpoint(device, job_id, blob)

@@ -353,7 +353,12 @@ def test_redis_restart_mid_upload_and_mid_training(fleet, redis_server):
             row = wait_for(lambda: round_state(agent, 1), 40, "round 1 after two Redis restarts")
             fleet.assert_nothing_lost(row, job_of(agent, fleet.device).keys)  # type: ignore[arg-type]
         epochs = [p.epoch for p in fleet.down.of(Progress) if p.state == "training"]  # type: ignore[attr-defined]
-        assert epochs == list(range(1, 41)), epochs  # resumed from its checkpoint: no epoch trained twice
+        assert epochs == sorted(set(epochs)) and epochs[-1] == 40, epochs  # in order, none announced twice
+        # an epoch's progress is sent after its checkpoint is stored; a restart can drop the reply of that
+        # store after it was done, and with it the epoch's progress message (seen once in CI)
+        assert len(epochs) >= 39, epochs
+        # resumed from its checkpoint, not from the start: at most the epoch in flight is trained again
+        assert 40 <= worker.stats.epochs_trained <= 41, worker.stats.epochs_trained
     finally:
         worker.stop()
 
