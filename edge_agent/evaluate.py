@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +42,7 @@ class Holdout:
 
 def load_holdout(path: Path, fx: FeatureExtractor, cache_dir: Path) -> Holdout:
     """Features of a held-out JSONL file, computed once and cached next to the ledger."""
-    # the file, the backbone and the task's prompt all decide the features: a change of any one
-    # must not reuse features computed under another
-    how = json.dumps([fx.backbone.fingerprint, fx.task.to_dict(), fx.max_length], sort_keys=True)
-    digest = hashlib.sha256(path.read_bytes() + how.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(path.read_bytes() + fx.identity().encode()).hexdigest()[:16]
     cached = cache_dir / f"holdout-{digest}.npz"
     if cached.exists():
         with np.load(cached, allow_pickle=False) as z:

@@ -9,6 +9,7 @@ f.prior      # float32 [N, C]  softmax over the verbalizer logits (uniform witho
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,11 @@ class FeatureExtractor:
             task.verbalizer_ids(backbone) if backbone.has_logits else None
         )
         backbone.encode(["x"], self.max_length)  # validates max_length against the model
+
+    def identity(self) -> str:
+        """What decides the features besides the text: backbone, task (prompt, verbalizers), truncation.
+        A cache of features must be keyed by it, so that none is reused under another."""
+        return json.dumps([self.backbone.fingerprint, self.task.to_dict(), self.max_length], sort_keys=True)
 
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Prompted, truncated token ids (the key material), without running the backbone."""

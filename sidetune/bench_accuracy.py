@@ -44,6 +44,10 @@ from edge_agent.task import TaskSpec
 from schemas.spec import HyperParams, SideNetSpec
 from sidetune.data import CLASSES, Review
 
+_AGENT = EdgeSettings.model_fields  # the bench trains what an agent with default settings asks for
+OUT_DIM, BOTTLENECK, NOISE_STD = (_AGENT[k].default for k in ("out_dim", "bottleneck", "noise_std"))
+MAX_LENGTH = _AGENT["max_length"].default
+
 PLAIN_TASK = {"name": "rotten-tomatoes-plain", "template": "Review: {text}\nSentiment:",
               "classes": list(CLASSES), "verbalizers": [" positive", " negative"]}
 CHUNK = 256
@@ -75,14 +79,13 @@ def extract_all(backbone: Backbone, task: TaskSpec, reviews: Sequence[Review], c
                 max_length: int = 128, progress: Progress = print) -> TaskFeatures:
     """Pivot states and prior of every review under ``task``, computed once and cached."""
     labels = np.array([task.label_index(r.label) for r in reviews], dtype=np.int64)
-    what = json.dumps([backbone.fingerprint, task.to_dict(), max_length,
-                       hashlib.sha256("\0".join(r.text for r in reviews).encode()).hexdigest()], sort_keys=True)
-    path = cache_dir / f"features-{hashlib.sha256(what.encode()).hexdigest()[:16]}.npz"
+    fx = FeatureExtractor(backbone, task, max_length=max_length)
+    texts = hashlib.sha256("\0".join(r.text for r in reviews).encode()).hexdigest()
+    path = cache_dir / f"features-{hashlib.sha256((fx.identity() + texts).encode()).hexdigest()[:16]}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             progress(f"{task.name}: features of {len(reviews)} reviews from {path}")
             return TaskFeatures(z["states"], z["prior"], labels)
-    fx = FeatureExtractor(backbone, task, max_length=max_length)
     states, prior = [], []
     t0 = time.perf_counter()
     for i in range(0, len(reviews), CHUNK):
@@ -124,7 +127,8 @@ def _scores(spec: SideNetSpec, hyper: HyperParams, f: TaskFeatures, tr: np.ndarr
 
 
 def compare_on_features(f: TaskFeatures, *, train: int, holdout: int, splits: int, hyper: HyperParams,
-                        out_dim: int = 8, bottleneck: int = 8, noise_std: float = 0.25, seed: int = 0,
+                        out_dim: int = OUT_DIM, bottleneck: int = BOTTLENECK, noise_std: float = NOISE_STD,
+                        seed: int = 0,
                         progress: Progress = print) -> dict[str, Any]:
     n, states_per_sample, width = f.states.shape
     c = f.prior.shape[1]
@@ -159,7 +163,6 @@ def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, 
                        progress: Progress = print) -> dict[str, Any]:
     from sidetune.data import load_reviews
 
-    defaults = EdgeSettings.model_fields
     chosen = [(name, builtin_task(name)) for name in tasks]  # a bad task file fails before any work
     backbone = Backbone.load(backbone_dir, threads=2)
     reviews = load_reviews()
@@ -167,17 +170,15 @@ def run_accuracy_bench(backbone_dir: Path, tasks: Sequence[str], *, train: int, 
         raise ValueError(f"--train {train} + --holdout {holdout} is more than the {len(reviews)} reviews there are")
     reviews = [reviews[i] for i in np.random.default_rng(0).permutation(len(reviews))[: train + holdout]]
     hyper = HyperParams(epochs=epochs)
-    noise = float(defaults["noise_std"].default) if noise_std is None else noise_std
+    noise = NOISE_STD if noise_std is None else noise_std
     report: dict[str, Any] = {"backbone": backbone.fingerprint, "reviews": len(reviews), "train": train,
                               "holdout": holdout, "splits": splits, "hyper": hyper.model_dump(),
                               "noise_std": noise, "tasks": []}
     for name, task in chosen:
         t0 = time.perf_counter()
-        f = extract_all(backbone, task, reviews, cache_dir, int(defaults["max_length"].default), progress)
-        res = compare_on_features(f, train=train, holdout=holdout, splits=splits, hyper=hyper,
-                                  out_dim=int(defaults["out_dim"].default),
-                                  bottleneck=int(defaults["bottleneck"].default),
-                                  noise_std=noise, progress=progress)
+        f = extract_all(backbone, task, reviews, cache_dir, MAX_LENGTH, progress)
+        res = compare_on_features(f, train=train, holdout=holdout, splits=splits, hyper=hyper, noise_std=noise,
+                                  progress=progress)
         report["tasks"].append({"task": name, "template": task.template, "verbalizers": list(task.verbalizers),
                                 "seconds": round(time.perf_counter() - t0, 1), **res})
     print(format_report(report))
