@@ -100,7 +100,7 @@ class EdgeAgent:
             status_topic, offline = encode(self._status("offline"))
             self.transport = Transport(
                 f"edge-{settings.device_id}",
-                BrokerAddress(settings.broker_host, settings.broker_port, settings.device_id, settings.password,
+                BrokerAddress(settings.broker_host, settings.broker_port, settings.device_id, settings.broker_password(),
                               settings.broker_ca_file),
                 self._on_message,
                 subscriptions=tuple(topic(settings.device_id, k) for k in DOWNLINK_KINDS),

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from schemas.errors import ConfigurationError
 from schemas.fingerprint import sha256_file
 
 MANIFEST_NAME = "manifest.json"
@@ -38,7 +39,7 @@ def release_freed_memory() -> None:
         pass
 
 
-class BackboneError(Exception):
+class BackboneError(ConfigurationError):
     """The backbone folder is missing, corrupt, or does not match its manifest."""
 
 

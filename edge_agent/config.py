@@ -7,16 +7,19 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from schemas.settings import FileThenEnv
+from schemas.settings import FileThenEnv, read_secret
 from schemas.spec import HyperParams
 from schemas.topics import check_device_id
 
 
 class EdgeSettings(FileThenEnv):
-    model_config = SettingsConfigDict(env_prefix="SIDETUNE_EDGE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="SIDETUNE_EDGE_", env_nested_delimiter="__", extra="forbid")
 
     device_id: str
-    #: The device's MQTT password (its user name is its device id).
+    #: The device's MQTT password (its user name is its device id): from ``password_file``
+    #: (0600, written by `sidetune broker add-device`), else systemd's credential
+    #: ``broker-password`` (``LoadCredential=``), else ``password`` itself.
+    password_file: Path | None = None
     password: str = ""
     broker_host: str = "127.0.0.1"
     broker_port: int = Field(default=1883, gt=0, lt=65536)
@@ -55,3 +58,6 @@ class EdgeSettings(FileThenEnv):
     def _device_id(cls, v: str) -> str:
         check_device_id(v)
         return v
+
+    def broker_password(self) -> str:
+        return read_secret(f"device {self.device_id}", self.password, self.password_file, "broker-password")

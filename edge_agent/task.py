@@ -20,16 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from schemas import toml
+from schemas.errors import ConfigurationError
 
 PLACEHOLDER = "{text}"
 _KEYS = ("name", "template", "classes", "verbalizers")
 
 
-class TaskError(ValueError):
+class TaskError(ConfigurationError, ValueError):
     """A task definition is invalid; the message says what and where."""
 
 
@@ -118,12 +116,12 @@ class TaskSpec:
     def from_toml(cls, path: str | Path) -> TaskSpec:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            data = toml.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise TaskError(f"task file {str(p)!r} not found") from e
         except (OSError, UnicodeDecodeError) as e:
             raise TaskError(f"cannot read task file {str(p)!r}: {e}") from e
-        except tomllib.TOMLDecodeError as e:
+        except toml.TOMLDecodeError as e:
             raise TaskError(f"task file {str(p)!r} is not valid TOML: {e}") from e
         try:
             return cls.from_dict(data)

@@ -7,19 +7,21 @@ side_server/config.py); this helper gives them the same precedence
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomllib
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from schemas.errors import SidetuneError
+from schemas.errors import ConfigurationError
+from schemas.toml import TOMLDecodeError
+from schemas.toml import loads as toml_loads
 
 S = TypeVar("S", bound=BaseSettings)
 
 
-class ConfigError(SidetuneError):
+class ConfigError(ConfigurationError):
     """A configuration file that is missing or does not validate."""
 
 
@@ -43,16 +45,47 @@ def load_settings(cls: type[S], path: str | Path | None, **overrides: Any) -> S:
     if path is not None:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            data = toml_loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {p} does not exist") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file {p}: {e}") from None
-        except tomllib.TOMLDecodeError as e:
+        except TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
     data.update(overrides)
     try:
         return cls(**data)
     except ValidationError as e:
-        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}:\n" + "\n".join(lines)) from None
+        lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid configuration{f' in {path}' if path else ''}: " + "; ".join(lines)) from None
+
+
+#: The placeholder password the example configs once shipped; a config that holds it is refused.
+EXAMPLE_PASSWORDS = frozenset({"change-me", "changeme", "CHANGE-ME"})
+
+
+def read_secret(what: str, inline: str, path: Path | None, credential: str | None = None) -> str:
+    """A password from, in order: ``path`` (a file, e.g. ``password_file``), systemd's
+    credential ``credential`` (``LoadCredential=NAME:...`` puts it in ``$CREDENTIALS_DIRECTORY``),
+    then ``inline`` (the TOML or the environment). Trailing newlines are dropped; an empty or
+    example password is a configuration error."""
+    source, value = "", inline
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if path is not None:
+        source = str(path)
+    elif credential and cred_dir and (Path(cred_dir) / credential).is_file():
+        source = f"systemd credential {credential}"
+        path = Path(cred_dir) / credential
+    if path is not None:
+        try:
+            value = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except FileNotFoundError:
+            raise ConfigError(f"{what}: password file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{what}: cannot read password file {path}: {e}") from None
+    if not value:
+        raise ConfigError(f"{what}: no password (set its *password_file*{' or the credential ' + credential if credential else ''})")
+    if value in EXAMPLE_PASSWORDS:
+        raise ConfigError(f"{what}: the password{' in ' + source if source else ''} is still the example "
+                          f"{value!r}; provision a real one (`sidetune broker add-device`)")
+    return value

@@ -58,7 +58,8 @@ class Rejected(SidetuneError):
 class Worker:
     def __init__(self, settings: ServerSettings) -> None:
         self.s = settings
-        self.r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=10)
+        extra = {} if (pw := settings.redis_password()) is None else {"password": pw}
+        self.r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=10, **extra)
         self.cache = ActivationCache(self.r, settings.activation_ttl)
         self.store = JobStore(self.r)
         self.stats = Stats()
@@ -67,7 +68,7 @@ class Worker:
         self.transport = Transport(
             f"sidetune-server-{settings.worker_id}",
             BrokerAddress(settings.broker_host, settings.broker_port, settings.broker_username,
-                          settings.broker_password, settings.broker_ca_file),
+                          settings.broker_password_value(), settings.broker_ca_file),
             self.inbox.put,  # never blocks: the broker's in-flight window bounds this queue
             subscriptions=tuple(subscription(k, share_group=settings.share_group) for k in UPLINK_KINDS),
             manual_ack=True,

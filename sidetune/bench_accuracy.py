@@ -64,12 +64,11 @@ class TaskFeatures:
 
 def builtin_task(name: str) -> TaskSpec:
     """``chat`` (the demo's task) or ``plain``; anything else is a TOML file."""
-    import tomllib
-
+    from schemas import toml
     from sidetune.demo import TASK
 
     if name == "chat":
-        return TaskSpec.from_dict(tomllib.loads(TASK))
+        return TaskSpec.from_dict(toml.loads(TASK))
     if name == "plain":
         return TaskSpec.from_dict(PLAIN_TASK)
     return TaskSpec.from_toml(name)

@@ -1,11 +1,9 @@
-"""The ``sidetune`` command: one entry, subcommands, documented exit codes.
+"""The ``sidetune`` command: one entry, subcommands, one table of exit codes.
 
-Exit codes (systemd's ``RestartPreventExitStatus`` uses 2 and 78):
-  0  success
-  1  the work failed (a job failed, a target was missed)
-  2  bad usage or bad input (a wrong flag, a missing file, an invalid config)
-  69 a service is unavailable (broker or Redis unreachable at start)
-  78 configuration error (a config file that does not validate)
+The table is ``schemas.errors.ExitCode`` (0 ok, 1 failed, 2 usage, 69 unavailable,
+78 configuration: systemd's ``RestartPreventExitStatus=78`` stops there). Every
+deliberate error is a ``SidetuneError`` that carries its code; it ends the command
+with one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,15 +13,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from schemas.errors import SidetuneError
+from schemas.errors import ExitCode, MissingExtra, SidetuneError, UsageError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 2, 69, 78
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
+EXIT_UNAVAILABLE, EXIT_CONFIG = ExitCode.UNAVAILABLE, ExitCode.CONFIG
+CliError = UsageError  # bad flags or files named on the command line
 
-
-class CliError(SidetuneError):
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
+#: The top-level module each extra brings: a command whose extra is missing says which to install.
+_EXTRA_OF = {"torch": "server", "redis": "server", "transformers": "export", "gguf": "export",
+             "onnx": "export", "onnxruntime": "edge", "tokenizers": "edge", "paho": "edge",
+             "pydantic_settings": "edge"}
 
 
 # ----------------------------------------------------------------- subcommands
@@ -113,6 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidetune", description="Privacy-aware side-tuning for edge boards over MQTT.")
+    p.add_argument("--version", action="version", version=f"sidetune {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     schema = sub.add_parser("schema", help="the wire contract").add_subparsers(dest="schema_cmd", required=True)
@@ -181,24 +181,38 @@ def _add_demo_options(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--json", default=None, help="write the results as JSON here")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sidetune")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
-    except CliError as e:
-        print(f"sidetune: error: {e}", file=sys.stderr)
-        return e.code
+        try:
+            return int(func(args))
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in _EXTRA_OF:
+                raise
+            raise MissingExtra(f"`sidetune {args.command}`", _EXTRA_OF[top], top) from None
     except SidetuneError as e:
-        print(f"sidetune: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        # One line, no traceback: what is wrong and (where it can) what to do.
+        print(f"sidetune: error: {'; '.join(x.strip() for x in str(e).splitlines() if x.strip())}",
+              file=sys.stderr)
+        return int(e.exit_code)
     except BrokenPipeError:  # `sidetune ... | head`
         sys.stderr.close()
         return EXIT_OK
     except KeyboardInterrupt:
         print("sidetune: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":
