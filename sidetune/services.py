@@ -1,13 +1,21 @@
 """mosquitto and redis-server as child processes, configured from ``broker_config/``.
 
 Used by ``sidetune demo`` and by the test fixtures, so both run the broker
-exactly as shipped (ACLs, limits, persistence).
+exactly as shipped (ACLs, limits, persistence). The mosquitto configuration is
+rendered here for them and for `sidetune broker init` alike (:func:`mosquitto_fragment`,
+:func:`mosquitto_standalone`), from the same template files:
+
+* ``mosquitto-process.conf`` -- user, pid file, persistence location, log file: what
+  Debian's stock ``/etc/mosquitto/mosquitto.conf`` already sets;
+* ``sidetune.conf`` -- everything else (auth, ACL, limits), then the listeners
+  ``listener-tls.conf`` and ``listener-plain.conf`` (loopback only).
 """
 
 from __future__ import annotations
 
 import getpass
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,8 +25,16 @@ from pathlib import Path
 
 from schemas.errors import SidetuneError
 
-BROKER_CONFIG = Path(__file__).resolve().parent.parent / "broker_config"
 SERVER_USER = "sidetune-server"
+
+
+def broker_config_dir() -> Path:
+    """The template folder: ``$SIDETUNE_BROKER_CONFIG``, else ``broker_config/`` of the source tree."""
+    env = os.environ.get("SIDETUNE_BROKER_CONFIG")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "broker_config"
+
+
+BROKER_CONFIG = broker_config_dir()
 
 
 class ServiceError(SidetuneError):
@@ -69,8 +85,14 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait()
 
 
-def render(template: Path, values: dict[str, str]) -> str:
-    text = template.read_text()
+def render(template: Path | str, values: dict[str, str]) -> str:
+    """A template of ``broker_config/`` (a path, or a file name there) with every ``{{NAME}}`` filled in."""
+    template = Path(template) if isinstance(template, Path) else broker_config_dir() / template
+    try:
+        text = template.read_text()
+    except OSError as e:
+        raise ServiceError(f"cannot read the template {template}: {e.strerror or e} "
+                           "(set SIDETUNE_BROKER_CONFIG to the source's broker_config/ folder)") from None
     for k, v in values.items():
         text = text.replace("{{" + k + "}}", v)
     if "{{" in text:
@@ -96,9 +118,65 @@ class _ChildService:
         self.start()
 
 
+def mosquitto_fragment(values: dict[str, str], *, tls: bool = True, plain: bool = True) -> str:
+    """sidetune.conf and the listeners: the conf.d fragment (it loads under Debian's stock
+    mosquitto.conf, which sets user, pid file, persistence and log file itself).
+
+    ``values``: PASSWORD_FILE, ACL_FILE; with ``tls`` TLS_PORT, BIND, CA_FILE, CERT_FILE,
+    KEY_FILE; with ``plain`` PLAIN_PORT (a listener on 127.0.0.1 only)."""
+    if not (tls or plain):
+        raise ServiceError("a broker needs a listener: TLS, plaintext on loopback, or both")
+    parts = [render("sidetune.conf", values)]
+    if tls:
+        parts.append(render("listener-tls.conf", values))
+    if plain:
+        parts.append(render("listener-plain.conf", values))
+    return "\n".join(p.rstrip("\n") + "\n" for p in parts)
+
+
+def mosquitto_standalone(values: dict[str, str], *, tls: bool = True, plain: bool = True) -> str:
+    """mosquitto-process.conf (USER, STATE_DIR) followed by the fragment: a broker of its own."""
+    return render("mosquitto-process.conf", values).rstrip("\n") + "\n\n" + mosquitto_fragment(
+        values, tls=tls, plain=plain)
+
+
+def redis_settings() -> list[tuple[str, str]]:
+    """The (directive, value) lines of broker_config/redis.conf."""
+    out = []
+    for line in render("redis.conf", {}).splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            out.append((key, value.strip()))
+    return out
+
+
+def new_password() -> str:
+    """A generated password (URL-safe, 32 characters, never starting with '-')."""
+    while True:
+        pw = secrets.token_urlsafe(24)
+        if pw[0].isalnum():
+            return pw
+
+
+def set_passwords(passwd: Path, accounts: dict[str, str]) -> None:
+    """Add or replace accounts in a mosquitto password file (``mosquitto_passwd -b``); its mode
+    and owner are kept (a new file is 0600)."""
+    if not passwd.exists():
+        passwd.touch(mode=0o600)
+    tool = find_binary("mosquitto_passwd", "mosquitto")
+    for user, password in accounts.items():
+        proc = subprocess.run([tool, "-b", str(passwd), user, password], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServiceError(f"mosquitto_passwd could not set {user!r} in {passwd}: "
+                               f"{(proc.stderr or proc.stdout).strip()}")
+
+
 @dataclass
 class Mosquitto(_ChildService):
-    """A mosquitto child process with per-account passwords from ``accounts``."""
+    """A mosquitto child process with per-account passwords from ``accounts``: a plaintext
+    listener on 127.0.0.1:``port`` and, with ``tls``, a TLS one on 127.0.0.1:``tls_port``
+    (a short-lived CA of its own, made by sidetune.certs like a broker's)."""
 
     state_dir: Path
     accounts: dict[str, str]
@@ -116,28 +194,26 @@ class Mosquitto(_ChildService):
         return self.state_dir / "tls" / "ca.crt"
 
     def write_config(self) -> Path:
+        from sidetune.certs import make_ca, make_server_cert
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         passwd = self.state_dir / "passwd"
-        passwd.write_text("")
-        tool = find_binary("mosquitto_passwd", "mosquitto")
-        for user, password in self.accounts.items():
-            subprocess.run([tool, "-b", str(passwd), user, password], check=True, capture_output=True)
-        passwd.chmod(0o600)
-        tls_block = ""
+        passwd.unlink(missing_ok=True)
+        set_passwords(passwd, self.accounts)
+        tls_dir = self.state_dir / "tls"
         if self.tls:
             while not self.tls_port or self.tls_port == self.port:
                 self.tls_port = free_port()
-            tls_dir = make_test_ca(self.state_dir / "tls")
-            tls_block = render(BROKER_CONFIG / "tls-listener.conf", {
-                "TLS_PORT": str(self.tls_port), "BIND": "127.0.0.1", "CA_FILE": str(tls_dir / "ca.crt"),
-                "CERT_FILE": str(tls_dir / "server.crt"), "KEY_FILE": str(tls_dir / "server.key"),
-            })
-        conf = render(BROKER_CONFIG / "mosquitto.conf", {
+            if not (tls_dir / "server.crt").exists():
+                make_ca(tls_dir, name="sidetune test CA", days=30)
+                make_server_cert(tls_dir, [], days=30)
+        conf = mosquitto_standalone({
             "USER": getpass.getuser(), "STATE_DIR": str(self.state_dir), "PASSWORD_FILE": str(passwd),
-            "ACL_FILE": str(BROKER_CONFIG / "acl"), "PORT": str(self.port), "BIND": "127.0.0.1",
-            "TLS_LISTENER": tls_block,
-        })
+            "ACL_FILE": str(broker_config_dir() / "acl"), "PLAIN_PORT": str(self.port), "BIND": "127.0.0.1",
+            "TLS_PORT": str(self.tls_port), "CA_FILE": str(tls_dir / "ca.crt"),
+            "CERT_FILE": str(tls_dir / "server.crt"), "KEY_FILE": str(tls_dir / "server.key"),
+        }, tls=self.tls)
         path = self.state_dir / "mosquitto.conf"
         path.write_text(conf)
         return path
@@ -152,16 +228,19 @@ class Mosquitto(_ChildService):
         return self
 
 
-
 @dataclass
 class RedisServer(_ChildService):
+    """redis-server with broker_config/redis.conf and a password (``requirepass``; generated
+    unless given); ``url`` carries it."""
+
     state_dir: Path
     port: int = 0
+    password: str = field(default_factory=new_password, repr=False)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     @property
     def log(self) -> Path:
@@ -171,34 +250,11 @@ class RedisServer(_ChildService):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         args = [find_binary("redis-server", "redis-server")]
-        for line in (BROKER_CONFIG / "redis.conf").read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                key, _, value = line.partition(" ")
-                args += [f"--{key}", value.strip().strip('"')]
+        for key, value in redis_settings():
+            args += [f"--{key}", value.strip('"')]
         args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.state_dir),
-                 "--logfile", str(self.log), "--daemonize", "no", "--protected-mode", "yes"]
+                 "--logfile", str(self.log), "--daemonize", "no", "--protected-mode", "yes",
+                 "--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_port(self.proc, self.port, self.log, "redis-server")
         return self
-
-
-def make_test_ca(out: Path) -> Path:
-    """A throw-away CA and a server certificate for 127.0.0.1 (tests and the demo only)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "server.crt").exists():
-        return out
-    openssl = find_binary("openssl", "openssl")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=out)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=sidetune test CA",
-        "-keyout", "ca.key", "-out", "ca.crt")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
-    (out / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt")
-    for f in out.iterdir():
-        f.chmod(0o644)
-    return out
