@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="everything on one machine, on the real model and data")
     _add_demo_options(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from sidetune.broker import register as add_broker_commands
+
+    add_broker_commands(sub)
     return p
 
 
