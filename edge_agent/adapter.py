@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.sidenet import SideNetForward
 from schemas.adapter import AdapterUpdate
 from schemas.errors import SpecMismatch
+from schemas.files import atomic_write
 from schemas.spec import SideNetSpec
 
 
@@ -38,8 +38,8 @@ def install(state_dir: Path, update: AdapterUpdate) -> None:
     meta = {"version": update.version, "job_id": update.job_id, "spec": update.spec.model_dump(mode="json"),
             "backbone_fingerprint": update.backbone_fingerprint, "metrics": update.metrics,
             "weights": weights_name}
-    _atomic_write(d / weights_name, update.weights)
-    _atomic_write(d / "current.json", json.dumps(meta, indent=1).encode())
+    atomic_write(d / weights_name, update.weights)
+    atomic_write(d / "current.json", json.dumps(meta, indent=1))
 
 
 def load(state_dir: Path, spec: SideNetSpec, fingerprint: str) -> InstalledAdapter | None:
@@ -53,11 +53,3 @@ def load(state_dir: Path, spec: SideNetSpec, fingerprint: str) -> InstalledAdapt
     blob = (state_dir / "adapter" / meta["weights"]).read_bytes()
     return InstalledAdapter(int(meta["version"]), got, SideNetForward.from_bytes(got, blob), meta.get("metrics", {}))
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

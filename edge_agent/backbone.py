@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,12 +179,14 @@ class Backbone:
 
     # -- inference -------------------------------------------------------
     def run(
-        self, token_ids: Sequence[Sequence[int]], batch_size: int = 8
+        self, token_ids: Sequence[Sequence[int]], batch_size: int = 8,
+        on_batch: Callable[[], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Pivot states [N, L+1, d] and logits [N, V] (None without an LM head), float32.
 
         Sequences are sorted by length and padded on the right per batch;
-        results come back in input order.
+        results come back in input order. ``on_batch`` is called after each
+        batch (the agent pets systemd's watchdog there).
         """
         n = len(token_ids)
         if batch_size < 1:
@@ -218,6 +220,8 @@ class Backbone:
             states[idx] = outs[0]
             if logits is not None:
                 logits[idx] = outs[1]
+            if on_batch is not None:
+                on_batch()
         return states, logits
 
     def __repr__(self) -> str:

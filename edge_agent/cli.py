@@ -1,73 +1,139 @@
-"""``sidetune edge run|train|status|predict --config FILE``."""
+"""``sidetune edge run|train|status|predict --config FILE``.
+
+Errors are raised (``schemas.errors``): the ``sidetune`` command prints one line
+and exits with the error's code (78 for configuration, so systemd stops).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from edge_agent.config import EdgeSettings
-from schemas.errors import SidetuneError
-from schemas.settings import ConfigError, load_settings
-from schemas.transport import TransportError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 2, 69, 78
+from edge_agent.presence import agent_running, read_state
+from schemas.errors import ExitCode, UnavailableError, UsageError
+from schemas.settings import load_settings
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(EdgeSettings, args.config)
-    except ConfigError as e:
-        print(f"sidetune edge: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.umask(0o077)  # everything the board writes (texts, token ids, labels, secrets) is its own
+    settings = load_settings(EdgeSettings, args.config)
+    _logging(settings.log_level)
     cmd = args.edge_cmd
     if cmd == "train":
-        Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
-        (Path(settings.state_dir) / "train.request").touch()
-        print(f"round requested; the agent {settings.device_id} starts it within a second")
-        return EXIT_OK
+        return _train(settings)
     if cmd == "status":
-        from edge_agent.ledger import Ledger
-
-        db = Path(settings.state_dir) / "state.db"
-        if not db.exists():
-            print(f"sidetune edge: no state yet in {settings.state_dir}", file=sys.stderr)
-            return EXIT_USAGE
-        ledger = Ledger(db)
-        print(json.dumps({"device_id": settings.device_id, "new_samples": ledger.count_new(),
-                          "outbox": ledger.outbox_size(), "rounds": ledger.rounds()}, indent=1))
-        return EXIT_OK
-    try:
-        return _agent_command(cmd, settings, args)
-    except TransportError as e:
-        print(f"sidetune edge: broker unavailable: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except (SidetuneError, ValueError, OSError) as e:
-        print(f"sidetune edge: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-
-
-def _agent_command(cmd: str, settings: EdgeSettings, args: argparse.Namespace) -> int:
+        return _status(settings, as_json=args.json)
+    if cmd == "predict":
+        return _predict(settings, args.texts)
     from edge_agent.agent import EdgeAgent
 
-    if cmd == "predict":
-        from edge_agent.evaluate import as_probabilities, probabilities
-
-        agent = EdgeAgent(settings, connect=False)
-        f = agent.fx.extract(args.texts)
-        scores = as_probabilities(probabilities(f.prior, f.states, agent.adapter, agent.secret))
-        version = agent.adapter.version if agent.adapter else 0
-        for text, row in zip(args.texts, scores):
-            cls = agent.task.classes[int(row.argmax())]
-            probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(agent.task.classes, row))
-            print(f"{cls}\t[{probs}]\tadapter v{version}\t{text[:80]}")
-        return EXIT_OK
+    settings.broker_password()  # a missing or example password stops here, before the backbone loads
     agent = EdgeAgent(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stopping.set())
     agent.run()
-    return EXIT_OK
+    return ExitCode.OK
+
+
+def _logging(level: str) -> None:
+    """Under systemd, journald takes the level from a ``<N>`` prefix (sd-daemon(3)) and adds the time."""
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        prefix = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+        class Journald(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return f"<{prefix.get(record.levelname, 6)}>{super().format(record)}"
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(Journald("%(name)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _train(settings: EdgeSettings) -> int:
+    state = Path(settings.state_dir)
+    if not agent_running(state):
+        raise UnavailableError(f"no agent runs on {state}: start it first (`systemctl start sidetune-edge`, "
+                               f"or `sidetune edge run --config ...`)")
+    (state / "train.request").touch()
+    print(f"round requested: the agent {settings.device_id} (pid {read_state(state).get('pid', '?')}) starts it "
+          "within a second if new samples wait (`sidetune edge status` shows it)")
+    return ExitCode.OK
+
+
+def status_of(settings: EdgeSettings) -> dict[str, Any]:
+    from edge_agent.ledger import Ledger
+
+    state = Path(settings.state_dir)
+    db = state / "state.db"
+    if not db.exists():
+        raise UsageError(f"no state yet in {state}: the agent has never run with this config")
+    running = agent_running(state)
+    said = read_state(state)
+    ledger = Ledger(db)
+    try:
+        rounds = ledger.rounds()
+        out: dict[str, Any] = {
+            "device_id": settings.device_id, "running": running, "pid": said.get("pid") if running else None,
+            "connected": bool(running and said.get("connected")), "broker": f"{settings.broker_host}:{settings.broker_port}",
+            "agent_version": said.get("agent_version"), "adapter_version": _installed_version(state),
+            "activity": (said.get("activity") or "idle") if running else "stopped",
+            "new_samples": ledger.count_new(), "outbox": ledger.outbox_size(),
+            "last_round": rounds[-1] if rounds else None, "rounds": len(rounds),
+            "updated": said.get("updated"),
+        }
+    finally:
+        ledger.close()
+    return out
+
+
+def _installed_version(state: Path) -> int:
+    try:
+        return int(json.loads((state / "adapter" / "current.json").read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _status(settings: EdgeSettings, as_json: bool) -> int:
+    st = status_of(settings)
+    if as_json:
+        print(json.dumps(st, indent=1))
+        return ExitCode.OK
+    run_ = f"running (pid {st['pid']})" if st["running"] else "not running"
+    conn = ("connected to " if st["connected"] else "not connected to ") + st["broker"]
+    print(f"agent {st['device_id']}: {run_}, {conn}")
+    print(f"  adapter:  v{st['adapter_version']}" + ("" if st["adapter_version"] else " (none yet: backbone alone)"))
+    print(f"  activity: {st['activity']}")
+    print(f"  samples:  {st['new_samples']} new (waiting for a round); outbox: {st['outbox']} messages")
+    r = st["last_round"]
+    if r is None:
+        print("  rounds:   none yet")
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])) if r.get("started") else "?"
+        acc = (f", held-out accuracy {r['zero_shot_accuracy']:.3f} → {r['tuned_accuracy']:.3f}"
+               if r.get("tuned_accuracy") is not None else "")
+        print(f"  last round: #{r['round']} {r['state']} (started {when}): {r['samples']} samples, "
+              f"{r['new_samples']} new, {r['forward_passes']} forward passes, {r['bytes_up']:,} B up{acc}"
+              + (f" — {r['detail']}" if r.get("detail") else ""))
+    return ExitCode.OK
+
+
+def _predict(settings: EdgeSettings, texts: list[str]) -> int:
+    from edge_agent.model import LocalModel
+
+    model = LocalModel(settings)
+    scores = model.predict(texts)
+    for text, row in zip(texts, scores):
+        cls = model.task.classes[int(row.argmax())]
+        probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(model.task.classes, row))
+        print(f"{cls}\t[{probs}]\tadapter v{model.adapter_version}\t{text[:80]}")
+    return ExitCode.OK

@@ -12,6 +12,7 @@ from edge_agent.adapter import InstalledAdapter
 from edge_agent.features import FeatureExtractor
 from edge_agent.inbox import parse_jsonl
 from edge_agent.secret import DeviceSecret
+from schemas.files import atomic_write_with
 
 
 def probabilities(prior: np.ndarray, states: np.ndarray, adapter: InstalledAdapter | None,
@@ -54,7 +55,5 @@ def load_holdout(path: Path, fx: FeatureExtractor, cache_dir: Path) -> Holdout:
     labels = np.array([fx.task.label_index(y) for _, y in parsed.good])
     f = fx.extract(texts)
     h = Holdout(labels, f.prior, f.states.astype(np.float16))
-    tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, labels=h.labels, prior=h.prior, states=h.states)
-    tmp.replace(cached)
+    atomic_write_with(cached, lambda f: np.savez(f, labels=h.labels, prior=h.prior, states=h.states))
     return h

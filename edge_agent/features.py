@@ -10,7 +10,7 @@ f.prior      # float32 [N, C]  softmax over the verbalizer logits (uniform witho
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +54,8 @@ class FeatureExtractor:
         self.task = task
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
+        #: Called after every backbone batch (the agent's watchdog; a long phase stays alive).
+        self.on_batch: Callable[[], None] | None = None
         # Checked up front: a bad verbalizer is a configuration error, not a per-sample one.
         self.verbalizer_ids: list[int] | None = (
             task.verbalizer_ids(backbone) if backbone.has_logits else None
@@ -75,7 +77,7 @@ class FeatureExtractor:
         if n == 0:
             shape = (0, self.backbone.num_layers + 1, self.backbone.hidden_size)
             return Features([], np.zeros(shape, np.float32), np.zeros((0, c), np.float32))
-        states, logits = self.backbone.run(token_ids, batch_size=self.batch_size)
+        states, logits = self.backbone.run(token_ids, batch_size=self.batch_size, on_batch=self.on_batch)
         if logits is None or self.verbalizer_ids is None:
             prior = np.full((n, c), 1.0 / c, dtype=np.float32)
         else:

@@ -6,10 +6,14 @@
 * ``rounds``: one row per round, with what the demo reports.
 * ``outbox``: encoded messages not yet acknowledged by the broker; they
   survive broker outages and agent restarts (paho keeps its session in memory).
+
+It holds token ids and labels: the file is 0600 whatever the umask (SQLite gives
+its -wal and -shm files the database file's mode).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -58,6 +62,8 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.RLock()
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")

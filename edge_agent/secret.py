@@ -13,12 +13,13 @@ differential privacy.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from schemas.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,5 @@ def load_or_create(state_dir: Path, out_dim: int) -> DeviceSecret:
                              "keep out_dim, or start a new state directory")
         return DeviceSecret(bytes.fromhex(data["key"]), basis)
     fresh = DeviceSecret.generate(out_dim)
-    key, q = fresh.key, fresh.basis
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": key.hex(), "basis": q.tolist()}, f)
-    os.replace(tmp, path)
-    return DeviceSecret(key, q)
+    atomic_write(path, json.dumps({"key": fresh.key.hex(), "basis": fresh.basis.tolist()}))
+    return fresh

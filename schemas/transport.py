@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,15 +22,23 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from schemas.errors import SidetuneError
+from schemas.errors import ConfigurationError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 QOS = 1
 
+#: CONNACK reasons that retrying cannot fix: the credentials or the client id are wrong.
+_FATAL_REASONS = frozenset({"Bad user name or password", "Not authorized", "Client identifier not valid",
+                            "Banned", "Bad authentication method"})
 
-class TransportError(SidetuneError):
-    """The broker refused us or could not be reached."""
+
+class TransportError(UnavailableError):
+    """The broker could not be reached (it may be later)."""
+
+
+class TransportRefused(ConfigurationError, TransportError):
+    """The broker refused our credentials, or its certificate does not verify: a retry will not help."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ class Transport:
         self._on_connected = on_connected  # (first connection?) on paho's thread: must not block
         self._connections = 0
         self._refused: str | None = None
+        #: Set (with the reason) once the broker refused the credentials or the certificate failed.
+        self.fatal: TransportRefused | None = None
         self._lock = threading.Lock()
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
@@ -85,7 +96,10 @@ class Transport:
         if broker.username is not None:
             c.username_pw_set(broker.username, broker.password)
         if broker.ca_file:
-            c.tls_set(ca_certs=broker.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                c.tls_set(ca_certs=broker.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise TransportRefused(f"cannot use CA file {broker.ca_file}: {e}") from None
         if will is not None:
             c.will_set(will[0], will[1], qos=QOS, retain=True)
         c.max_inflight_messages_set(32)
@@ -100,18 +114,43 @@ class Transport:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 15.0) -> Transport:
+    def start(self, timeout: float = 15.0, *, wait: bool = True) -> Transport:
+        """Connect and start paho's network thread.
+
+        The first attempt is made here, so that a certificate that does not verify
+        is a :class:`TransportRefused` at once (paho's own retries would hide it).
+        With ``wait`` the call returns once the broker accepted us and raises
+        otherwise; without it a broker that is down is not an error: paho keeps
+        retrying in the background (watch :attr:`connected` and :attr:`fatal`).
+        """
+        where = f"{self.broker.host}:{self.broker.port}"
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
         try:
             self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False, properties=props)
-        except (OSError, ValueError) as e:
-            raise TransportError(f"cannot reach broker {self.broker.host}:{self.broker.port}: {e}") from None
+            self.client.reconnect()
+        except ssl.SSLCertVerificationError as e:
+            raise TransportRefused(f"the certificate of broker {where} does not verify with CA "
+                                   f"{self.broker.ca_file}: {e.verify_message or e}") from None
+        except ssl.SSLError as e:
+            raise TransportRefused(f"TLS with broker {where} failed ({e.reason or e}): "
+                                   "is that port the broker's TLS listener?") from None
+        except ValueError as e:  # paho: invalid host or port
+            raise TransportRefused(f"bad broker address {where}: {e}") from None
+        except OSError as e:
+            if wait:
+                raise TransportError(f"cannot reach broker {where}: {e.strerror or e}") from None
+            log.warning("broker %s unreachable (%s); retrying in the background", where, e.strerror or e)
         self.client.loop_start()
-        if not self.connected.wait(timeout):
-            self.client.loop_stop()
-            why = self._refused or "no answer"
-            raise TransportError(f"could not connect to broker {self.broker.host}:{self.broker.port} ({why})")
+        if not wait:
+            return self
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(0.1):
+            if self.fatal is not None or time.monotonic() > deadline:
+                self.client.loop_stop()
+                if self.fatal is not None:
+                    raise self.fatal
+                raise TransportError(f"could not connect to broker {where} ({self._refused or 'no answer'})")
         return self
 
     def stop(self, *, end_session: bool = False) -> None:
@@ -154,6 +193,9 @@ class Transport:
         if reason.is_failure:
             self._refused = str(reason)
             log.error("broker refused the connection: %s", reason)
+            if self._refused in _FATAL_REASONS:
+                self.fatal = TransportRefused(f"broker {self.broker.host}:{self.broker.port} refused "
+                                              f"{self.broker.username or 'anonymous'}: {reason}")
             return
         for flt in self.subscriptions:
             client.subscribe(flt, qos=QOS)

@@ -1,4 +1,10 @@
-"""``sidetune server``: run one worker until SIGTERM (systemd) or Ctrl-C."""
+"""``sidetune server``: run one worker until SIGTERM (systemd) or Ctrl-C.
+
+Under systemd (``Type=notify``) it says READY=1 once connected to the broker and
+Redis, and pets the watchdog while :meth:`Worker.health` finds nothing wrong.
+Errors are raised (``schemas.errors``): a bad config or refused credentials exit
+78, a broker or Redis that cannot be reached at start 69 (systemd retries).
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,16 @@ import threading
 
 import redis
 
-from schemas.settings import ConfigError, load_settings
-from schemas.transport import TransportError
+from schemas.errors import ConfigurationError, ExitCode, UnavailableError
+from schemas.settings import load_settings
+from schemas.systemd import Watchdog, notify
 from side_server.config import ServerSettings
 
-EXIT_OK, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 69, 78
+log = logging.getLogger("sidetune.server")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(ServerSettings, args.config)
-    except ConfigError as e:
-        print(f"sidetune server: {e}")
-        return EXIT_CONFIG
+    settings = load_settings(ServerSettings, args.config)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from side_server.worker import Worker
 
@@ -31,16 +34,26 @@ def run(args: argparse.Namespace) -> int:
             worker.r.ping()
             worker.transport.start(timeout=10)
             worker.transport.stop()
-            print(f"ok: broker {settings.broker_host}:{settings.broker_port} and redis {settings.redis_url} reachable")
-            return EXIT_OK
+            print(f"ok: broker {settings.broker_host}:{settings.broker_port} and redis reachable")
+            return ExitCode.OK
         worker.start()
-    except (redis.RedisError, TransportError) as e:
-        print(f"sidetune server: service unavailable: {e}")
-        return EXIT_UNAVAILABLE
+    except redis.AuthenticationError as e:
+        raise ConfigurationError(f"redis refused the password: {e}") from None
+    except redis.RedisError as e:
+        raise UnavailableError(f"redis unavailable: {e}") from None
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    logging.getLogger("sidetune.server").info("stopping (signal)")
+    notify("READY=1")
+    watchdog = Watchdog()
+    while not done.wait(min(1.0, watchdog.interval)):
+        why = worker.health()
+        if why is None:
+            watchdog.pet()
+        else:
+            log.error("unhealthy: %s (the watchdog is no longer petted)", why)
+    notify("STOPPING=1")
+    log.info("stopping (signal)")
     worker.stop()
-    return EXIT_OK
+    return ExitCode.OK
+

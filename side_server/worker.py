@@ -49,6 +49,10 @@ class Stats:
     by_code: dict[str, int] = field(default_factory=dict)
 
 
+#: An ingest loop that has not turned for this long is hung (it turns every 0.2 s when idle).
+STALL_SECONDS = 60.0
+
+
 class Rejected(SidetuneError):
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(reason)
@@ -77,6 +81,7 @@ class Worker:
         )
         self._reannounce = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._ingest_beat = time.monotonic()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -114,8 +119,18 @@ class Worker:
 
     # ------------------------------------------------------------ ingest
 
+    def health(self) -> str | None:
+        """None while the worker works, else why not (systemd's watchdog and health checks read it)."""
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if dead:
+            return f"worker thread {', '.join(dead)} died"
+        if time.monotonic() - self._ingest_beat > STALL_SECONDS:
+            return f"ingest loop stalled for {time.monotonic() - self._ingest_beat:.0f} s"
+        return None
+
     def _ingest_loop(self) -> None:
         while not self.stopping.is_set():
+            self._ingest_beat = time.monotonic()
             if self._reannounce.is_set():
                 try:
                     self.reannounce()
@@ -133,6 +148,7 @@ class Worker:
                 except redis.RedisError as e:  # Redis down: keep the message (unacked) and retry
                     log.warning("redis unavailable (%s); retrying", e)
                     time.sleep(1.0)
+                    self._ingest_beat = time.monotonic()  # waiting for Redis is not a hang
             else:
                 return  # stopping: leave it unacknowledged, the broker redelivers it
             self.transport.ack(item.mid)

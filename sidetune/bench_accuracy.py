@@ -41,6 +41,7 @@ from edge_agent.features import FeatureExtractor, default_taps
 from edge_agent.secret import DeviceSecret
 from edge_agent.sidenet import SideNetForward
 from edge_agent.task import TaskSpec
+from schemas.files import atomic_write_with
 from schemas.spec import HyperParams, SideNetSpec
 from sidetune.data import CLASSES, Review
 
@@ -96,9 +97,7 @@ def extract_all(backbone: Backbone, task: TaskSpec, reviews: Sequence[Review], c
                  f"~{took / done * (len(reviews) - done):.0f} s left)")
     out = TaskFeatures(np.concatenate(states), np.concatenate(prior), labels)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, states=out.states, prior=out.prior)
-    tmp.replace(path)
+    atomic_write_with(path, lambda f: np.savez(f, states=out.states, prior=out.prior), mode=0o644)
     return out
 
 

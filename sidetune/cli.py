@@ -166,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_edge_commands(edge: argparse.ArgumentParser) -> None:
     sub = edge.add_subparsers(dest="edge_cmd", required=True)
-    for name, help_ in (("run", "run the agent daemon"), ("train", "start a round now"),
-                        ("status", "print the agent's state")):
+    for name, help_ in (("run", "run the agent daemon"), ("train", "ask the running agent for a round now"),
+                        ("status", "whether the agent runs and is connected, its adapter, last round, outbox")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--config", required=True)
+        if name == "status":
+            c.add_argument("--json", action="store_true", help="print JSON instead")
     pr = sub.add_parser("predict", help="classify texts with the installed adapter")
     pr.add_argument("--config", required=True)
     pr.add_argument("texts", nargs="+")

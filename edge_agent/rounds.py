@@ -1,0 +1,231 @@
+"""A round: forward passes (once per new sample) → job → uploads of what the server lacks → adapter.
+
+Everything a round decides is written to the ledger before it is sent, so an
+agent restarted mid-round resumes it: it sends the same job again and the
+server answers with what it still lacks (or that it is done).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.config import EdgeSettings
+from edge_agent.evaluate import Holdout, load_holdout
+from edge_agent.ledger import Ledger
+from edge_agent.model import LocalModel
+from edge_agent.upload import activation_messages
+from schemas.adapter import AdapterUpdate
+from schemas.base import Message
+from schemas.errors import SpecMismatch
+from schemas.jobs import CacheReport, Job
+from schemas.progress import Progress
+from schemas.status import Rejection
+from schemas.tensors import WireTensor
+from schemas.topics import topic
+from schemas.wire import decode, encode
+
+log = logging.getLogger("sidetune.edge")
+
+#: Forward passes between two ledger commits (and log lines).
+CHUNK = 64
+#: A key the server asks for again within this many seconds was just queued: not sent twice.
+RESEND_AFTER = 30.0
+
+Send = Callable[[list[tuple[str, bytes, bool]], "int | None"], None]
+
+
+@dataclass
+class Round:
+    number: int
+    job: Job
+    started: float
+    last_heard: float
+    uploaded: dict[str, float] = field(default_factory=dict)  # key -> when queued
+    training: bool = False
+
+
+class Rounds:
+    def __init__(self, settings: EdgeSettings, model: LocalModel, ledger: Ledger, send: Send, *,
+                 pet: Callable[[], None], stopping: threading.Event,
+                 on_installed: Callable[[], None] = lambda: None) -> None:
+        self.s = settings
+        self.model = model
+        self.ledger = ledger
+        self.send = send  # into the outbox (ledger), then to the broker
+        self.pet = pet
+        self.stopping = stopping
+        self.on_installed = on_installed
+        self.current: Round | None = None
+        self._holdout: Holdout | None = None
+
+    # ------------------------------------------------------------ start, resume, resend
+
+    def start(self) -> int | None:
+        """Run the forward passes of every new sample, then queue the job of all samples."""
+        t0 = time.time()
+        fresh = self.ledger.samples("round IS NULL AND prior IS NULL")
+        log.info("round starting: %d new samples need a forward pass, %d new in all", len(fresh),
+                 self.ledger.count_new())
+        passes = 0
+        for i in range(0, len(fresh), CHUNK):
+            if self.stopping.is_set():  # SIGTERM: what was computed is kept, the round starts next time
+                log.info("stopping during forward passes (%d/%d kept)", passes, len(fresh))
+                return None
+            part = fresh[i : i + CHUNK]
+            f = self.model.fx.from_token_ids([s.token_ids for s in part])
+            self.ledger.set_features([(s.key, f.prior[j], f.states[j]) for j, s in enumerate(part)])
+            passes += len(part)
+            self.ledger.set_meta("activity", f"forward passes {passes}/{len(fresh)}")
+            log.info("forward passes: %d/%d", passes, len(fresh))
+        everything = self.ledger.samples("prior IS NOT NULL")
+        n_new = self.ledger.count_new()  # every new sample has its prior by now
+        labels = np.array([s.label for s in everything])
+        prior = np.stack([s.prior for s in everything if s.prior is not None])
+        rng = np.random.default_rng(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
+        targets = self.model.secret.targets(labels, prior, self.s.noise_std, rng)
+        rnd = self.ledger.new_round("pending", len(everything), n_new)
+        job = Job(device_id=self.s.device_id, job_id=f"r{rnd}-{uuid.uuid4().hex[:8]}",
+                  backbone_fingerprint=self.model.backbone.fingerprint, spec=self.model.spec, hyper=self.s.hyper,
+                  base_adapter_version=self.model.adapter_version,
+                  keys=tuple(s.key for s in everything), targets=WireTensor.from_array(targets, "float32"))
+        t, payload = encode(job)
+        self.ledger.update_round(rnd, job_id=job.job_id, state="sent", forward_passes=passes, job_payload=payload,
+                                 started=t0)
+        self.send([(t, payload, False)], rnd)
+        self.current = Round(rnd, job, t0, time.time())
+        self.ledger.set_meta("activity", f"round {rnd}: waiting for the server")
+        log.info("round %d: job %s with %d samples (%d new, %d forward passes)", rnd, job.job_id,
+                 len(everything), n_new, passes)
+        return rnd
+
+    def resume(self) -> None:
+        row = self.ledger.open_round()
+        if row is None:
+            return
+        if row["state"] == "preparing" or not row.get("job_payload"):
+            self.ledger.update_round(int(row["round"]), state="failed", detail="agent stopped before the job was sent")
+            return
+        job = decode(topic(self.s.device_id, "jobs"), row["job_payload"])
+        assert isinstance(job, Job)
+        self.current = Round(int(row["round"]), job, float(row["started"] or time.time()), time.time())
+        log.info("resuming round %d (job %s); asking the server where it stands", self.current.number, job.job_id)
+        self.resend_job()
+
+    def resend_job(self) -> None:
+        """Same job, same content: the server answers again what it lacks (or that it is done)."""
+        r = self.current
+        assert r is not None
+        t, payload = encode(r.job)
+        r.last_heard = time.time()
+        r.uploaded.clear()  # whatever the server still lacks is sent again
+        self.send([(t, payload, False)], r.number)
+
+    def check_timeout(self) -> None:
+        r = self.current
+        if r is not None and time.time() - r.last_heard > self.s.round_timeout:
+            log.warning("round %d: nothing heard for %.0f s; sending the job again", r.number, self.s.round_timeout)
+            self.resend_job()
+
+    # ------------------------------------------------------------ server messages
+
+    def handle(self, msg: Message, nbytes: int) -> None:
+        if isinstance(msg, AdapterUpdate) and (self.current is None or msg.job_id != self.current.job.job_id):
+            self._maybe_install_retained(msg)
+            return
+        r = self.current
+        job_id = getattr(msg, "job_id", None)
+        if r is None or (job_id is not None and job_id != r.job.job_id):
+            if isinstance(msg, Rejection):
+                log.warning("server rejected %s: %s", msg.ref_topic, msg.reason)
+            return
+        self.ledger.add_round_counts(r.number, bytes_down=nbytes)
+        r.last_heard = time.time()
+        if isinstance(msg, CacheReport):
+            self._upload(r, list(msg.missing))
+        elif isinstance(msg, Progress):
+            if msg.state == "training":
+                if not r.training:
+                    self.ledger.update_round(r.number, state="training")
+                    r.training = True
+                self.ledger.set_meta("activity", f"round {r.number}: server training, epoch {msg.epoch}/{msg.epochs}")
+                log.info("round %d: epoch %d/%d train loss %.4f val loss %s", r.number, msg.epoch, msg.epochs,
+                         msg.train_loss or 0.0, f"{msg.val_loss:.4f}" if msg.val_loss is not None else "-")
+            elif msg.state == "failed":
+                self._fail(r, f"server: {msg.detail}")
+        elif isinstance(msg, Rejection):
+            log.warning("round %d: server rejected %s: %s (%s)", r.number, msg.ref_topic, msg.reason, msg.code)
+            if msg.ref_msg_id == r.job.msg_id and msg.code != "replayed":
+                self._fail(r, f"job rejected: {msg.reason}")
+        elif isinstance(msg, AdapterUpdate):
+            self._finish(r, msg)
+
+    def _upload(self, r: Round, missing: list[str]) -> None:
+        now = time.time()
+        todo = [k for k in missing if now - r.uploaded.get(k, 0.0) > RESEND_AFTER]
+        if not todo:
+            return
+        self.ledger.update_round(r.number, state="uploading")
+        up = activation_messages(self.s, self.model, self.ledger, r.job.job_id, todo, self.pet)
+        if up.unknown:
+            log.warning("round %d: server asks for %d keys this board does not know", r.number, len(up.unknown))
+        if up.recomputed:
+            self.ledger.add_round_counts(r.number, forward_passes=up.recomputed)
+        for k in up.keys:
+            r.uploaded[k] = now
+        self.send(up.messages, r.number)
+        self.ledger.set_meta("activity", f"round {r.number}: uploading {len(up.keys)} activations")
+        log.info("round %d: uploading %d activations in %d messages", r.number, len(up.keys), len(up.messages))
+
+    def _finish(self, r: Round, update: AdapterUpdate) -> None:
+        try:
+            self.model.install(update)
+        except SpecMismatch as e:
+            self._fail(r, str(e))
+            return
+        self.ledger.assign_round(list(r.job.keys), r.number)
+        fields: dict[str, object] = {"state": "done", "adapter_version": update.version, "finished": time.time(),
+                                     "seconds": time.time() - r.started}
+        holdout = self.holdout()
+        if holdout is not None:
+            fields["zero_shot_accuracy"] = holdout.accuracy(None, self.model.secret)
+            fields["tuned_accuracy"] = holdout.accuracy(self.model.adapter, self.model.secret)
+        self.ledger.update_round(r.number, **fields)
+        log.info("round %d done: adapter v%d installed (%s)", r.number, update.version,
+                 ", ".join(f"{k} {v:.3f}" for k, v in fields.items() if k.endswith("accuracy")))  # type: ignore[str-format]
+        self.ledger.set_meta("activity", "idle")
+        self.current = None
+        self.on_installed()
+
+    def _fail(self, r: Round, why: str) -> None:
+        log.error("round %d failed: %s", r.number, why)
+        self.ledger.update_round(r.number, state="failed", detail=why[:500], finished=time.time())
+        self.ledger.set_meta("activity", "idle")
+        self.current = None
+
+    def _maybe_install_retained(self, update: AdapterUpdate) -> None:
+        if update.version <= self.model.adapter_version:
+            return
+        try:
+            self.model.install(update)
+        except SpecMismatch as e:
+            log.warning("ignoring adapter v%d: %s", update.version, e)
+            return
+        log.info("installed adapter v%d (published while this agent was away)", update.version)
+        self.on_installed()
+
+    # ------------------------------------------------------------ evaluation
+
+    def holdout(self) -> Holdout | None:
+        if self.s.holdout_file is None:
+            return None
+        if self._holdout is None:
+            self._holdout = load_holdout(Path(self.s.holdout_file), self.model.fx, self.model.state_dir)
+        return self._holdout
