@@ -1,16 +1,120 @@
 #!/usr/bin/env bash
-# Install the edge agent on a board (Raspberry Pi OS / Debian / Ubuntu, as root).
-# No torch on the board: only the `edge` extra. Copy an exported backbone folder
-# (from `sidetune export` on a bigger machine) to /opt/sidetune/backbone first.
+# Install, or upgrade, the edge agent on a board (Debian, Ubuntu, Raspberry Pi OS, JetPack). As root:
+#
+#   deploy/install-board.sh --bundle BUNDLE [options] SRC
+#
+# SRC is the sidetune source folder; BUNDLE is the board's folder written on the server by
+# `sidetune broker add-device ID --dir /etc/sidetune/broker` (edge.toml, ca.crt, edge.password),
+# copied to the board. Installs the `edge` extra only (no torch) into /opt/sidetune/.venv, the
+# bundle into /etc/sidetune (edge.password 0600), /etc/sidetune/task.toml from
+# deploy/task.example.toml if there is none, and the unit sidetune-edge.service. A later run is an
+# upgrade (--bundle optional then; give it to install a rotated password): the agent restarts.
+# The backbone is not installed: copy an exported folder (`sidetune export`) to /opt/sidetune/backbone.
+#
+# Options:
+#   --root DIR    install under DIR (for tests): no apt-get, no systemctl, no users or chown
+#   --venv PATH   use this existing virtualenv (sidetune[edge] installed in it) instead of creating
+#                 /opt/sidetune/.venv; it is linked there
 set -euo pipefail
-SRC=${1:?usage: install-board.sh PATH_TO_SIDETUNE_SOURCE}
-id sidetune >/dev/null 2>&1 || useradd --system --home /var/lib/sidetune --shell /usr/sbin/nologin sidetune
-mkdir -p /opt/sidetune /etc/sidetune /var/lib/sidetune
-python3 -m venv /opt/sidetune/.venv
-/opt/sidetune/.venv/bin/pip install "$SRC[edge]"
-[ -f /etc/sidetune/edge.toml ] || install -m 0640 -g sidetune "$SRC/deploy/edge.example.toml" /etc/sidetune/edge.toml
-[ -f /etc/sidetune/task.toml ] || install -m 0644 "$SRC/deploy/task.example.toml" /etc/sidetune/task.toml
-chown -R sidetune:sidetune /var/lib/sidetune
-install -m 0644 "$SRC/deploy/sidetune-edge.service" /etc/systemd/system/
+
+die() { echo "install-board.sh: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+
+ROOT="" VENV="" SRC="" BUNDLE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) ROOT=${2:?--root needs a folder}; shift 2 ;;
+    --venv) VENV=${2:?--venv needs a folder}; shift 2 ;;
+    --bundle) BUNDLE=${2:?--bundle needs a folder}; shift 2 ;;
+    -h|--help) usage ;;
+    -*) echo "install-board.sh: unknown option $1" >&2; usage ;;
+    *) [ -z "$SRC" ] || usage; SRC=$1; shift ;;
+  esac
+done
+[ -n "$SRC" ] || usage
+SRC=$(cd "$SRC" && pwd) || die "no source folder $SRC"
+[ -f "$SRC/pyproject.toml" ] && [ -f "$SRC/deploy/task.example.toml" ] || die "$SRC is not the sidetune source folder"
+if [ -n "$ROOT" ]; then mkdir -p "$ROOT"; ROOT=$(cd "$ROOT" && pwd); fi
+# --- what this board is -----------------------------------------------------------------------
+OS_RELEASE=${SIDETUNE_OS_RELEASE:-/etc/os-release}
+[ -r "$OS_RELEASE" ] || die "cannot read $OS_RELEASE: this installer supports Debian and Ubuntu and their derivatives"
+os_id=$(. "$OS_RELEASE"; echo "${ID:-} ${ID_LIKE:-}")
+case " $os_id " in
+  *" debian "*|*" ubuntu "*) ;;
+  *) die "unsupported OS '$os_id' ($OS_RELEASE): this installer supports Debian and Ubuntu and their derivatives" ;;
+esac
+arch=${SIDETUNE_ARCH:-$(uname -m)}
+case "$arch" in
+  x86_64|aarch64|armv7l) ;;
+  *) die "unsupported architecture $arch: a board needs x86_64, aarch64 or armv7l" ;;
+esac
+check_python() {
+  local v
+  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && return 0
+  v=$("$1" -V 2>&1) || v="missing"
+  die "$1 is $v: sidetune needs Python 3.10 or newer"
+}
+if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or with --root DIR)"; fi
+
+ETC=$ROOT/etc/sidetune
+UPGRADE=0
+[ -f "$ETC/edge.toml" ] && UPGRADE=1
+if [ -n "$BUNDLE" ]; then
+  for f in edge.toml ca.crt edge.password; do
+    [ -f "$BUNDLE/$f" ] || die "$BUNDLE/$f is missing: --bundle takes the folder \`sidetune broker add-device\` wrote"
+  done
+elif [ "$UPGRADE" = 0 ]; then
+  die "--bundle is required on a first install (\`sidetune broker add-device ID --dir /etc/sidetune/broker\` writes it on the server)"
+fi
+
+# --- system packages and the service user (not under --root) --------------------------------
+if [ -z "$ROOT" ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  id sidetune >/dev/null 2>&1 || useradd --system --home /var/lib/sidetune --shell /usr/sbin/nologin sidetune
+fi
+
+# --- the package: the edge extra only (no torch on a board) ----------------------------------
+OPT=$ROOT/opt/sidetune
+mkdir -p "$OPT" "$ETC"
+if [ -n "$VENV" ]; then
+  VENV=$(cd "$VENV" && pwd) || die "no virtualenv $VENV"
+  [ -x "$VENV/bin/sidetune" ] || die "--venv $VENV has no bin/sidetune: pip install '$SRC[edge]' into it first"
+  check_python "$VENV/bin/python"
+  if [ "$VENV" != "$OPT/.venv" ]; then
+    [ ! -e "$OPT/.venv" ] || [ -L "$OPT/.venv" ] || die "$OPT/.venv exists and is not a link: drop --venv"
+    ln -sfn "$VENV" "$OPT/.venv"
+  fi
+else
+  check_python python3
+  [ -x "$OPT/.venv/bin/python" ] || python3 -m venv "$OPT/.venv"
+  "$OPT/.venv/bin/python" -m pip install -q --upgrade pip
+  "$OPT/.venv/bin/python" -m pip install -q "$SRC[edge]"
+  "$OPT/.venv/bin/python" -m pip install -q --no-deps --force-reinstall "$SRC"   # an upgrade that kept the version
+fi
+
+# --- configuration ----------------------------------------------------------------------------
+owner=()
+[ -n "$ROOT" ] || owner=(-o sidetune -g sidetune)
+if [ -n "$BUNDLE" ]; then
+  install -m 0644 "$BUNDLE/edge.toml" "$ETC/edge.toml"
+  install -m 0644 "$BUNDLE/ca.crt" "$ETC/ca.crt"
+  install -m 0600 "${owner[@]}" "$BUNDLE/edge.password" "$ETC/edge.password"   # the agent's user reads it
+fi
+[ -f "$ETC/task.toml" ] || install -m 0644 "$SRC/deploy/task.example.toml" "$ETC/task.toml"
+install -d -m 0700 "${owner[@]}" "$ROOT/var/lib/sidetune"
+install -D -m 0644 "$SRC/deploy/sidetune-edge.service" "$ROOT/etc/systemd/system/sidetune-edge.service"
+[ -f "$OPT/backbone/manifest.json" ] \
+  || echo "install-board.sh: no backbone in $OPT/backbone yet: copy an exported one there (\`sidetune export\`)" >&2
+
+if [ -n "$ROOT" ]; then
+  echo "installed under $ROOT (no services started)"
+  exit 0
+fi
 systemctl daemon-reload
-echo "edit /etc/sidetune/edge.toml, then: systemctl enable --now sidetune-edge"
+if [ "$UPGRADE" = 1 ]; then
+  systemctl try-restart sidetune-edge.service
+  echo "upgraded: sidetune-edge restarted if it was running"
+else
+  echo "installed. Start the agent:  systemctl enable --now sidetune-edge"
+fi

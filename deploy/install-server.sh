@@ -1,27 +1,147 @@
 #!/usr/bin/env bash
-# Install broker, cache and side server on a Debian/Ubuntu host (as root).
+# Install, or upgrade, the broker (mosquitto with TLS), the cache (Redis with a password) and the
+# side server on a Debian/Ubuntu host. As root:
+#
+#   deploy/install-server.sh [--hostname NAME]... [options] SRC
+#
+# SRC is the sidetune source folder (this repository). A first run makes the broker folder
+# /etc/sidetune/broker with `sidetune broker init` (CA, server certificate for every --hostname,
+# accounts, configuration), puts its conf.d fragment into Debian's mosquitto and its redis.conf
+# into Debian's Redis, installs /etc/sidetune/server.toml and the unit sidetune-server@.service.
+# A later run is an upgrade: the package is reinstalled, the broker's configuration re-rendered
+# (certificates and passwords kept) and the services restarted.
+#
+# Options:
+#   --hostname NAME   a name or address boards use for the broker (repeatable; first install only)
+#   --tls-port N, --plain-port N, --redis-port N, --bind ADDR   passed to `sidetune broker init`
+#                     (defaults 8883, 1883 on 127.0.0.1 only, 6379, TLS on 0.0.0.0; first install only)
+#   --broker-user U   the user mosquitto runs as (default mosquitto; under --root, the caller)
+#   --root DIR        install under DIR (for tests): no apt-get, no systemctl, no users or chown;
+#                     the broker's files are the caller's
+#   --venv PATH       use this existing virtualenv (sidetune[server] installed in it) instead of
+#                     creating /opt/sidetune/.venv; it is linked there
+# Environment: SIDETUNE_TORCH_INDEX=URL installs torch from that index (e.g. PyTorch's CPU-only
+# wheel index, where it is reachable); by default torch==2.13.0 comes from the configured index.
 set -euo pipefail
-SRC=${1:?usage: install-server.sh PATH_TO_SIDETUNE_SOURCE}
-apt-get update -qq && apt-get install -y -qq mosquitto redis-server openssl
-id sidetune >/dev/null 2>&1 || useradd --system --home /var/lib/sidetune --shell /usr/sbin/nologin sidetune
-mkdir -p /opt/sidetune /etc/sidetune /var/lib/sidetune/mosquitto
-python3 -m venv /opt/sidetune/.venv
-/opt/sidetune/.venv/bin/pip install "torch==2.13.0"
-/opt/sidetune/.venv/bin/pip install "$SRC[server]"
-# Broker: render broker_config/mosquitto.conf (same file the tests use).
-sed -e "s|{{USER}}|mosquitto|; s|{{STATE_DIR}}|/var/lib/sidetune/mosquitto|g; s|{{PASSWORD_FILE}}|/etc/sidetune/passwd|; \
-        s|{{ACL_FILE}}|/etc/sidetune/acl|; s|{{PORT}}|1883|; s|{{BIND}}|0.0.0.0|; s|{{TLS_LISTENER}}||" \
-    "$SRC/broker_config/mosquitto.conf" > /etc/mosquitto/conf.d/sidetune.conf
-install -m 0644 "$SRC/broker_config/acl" /etc/sidetune/acl
-touch /etc/sidetune/passwd && chmod 0640 /etc/sidetune/passwd && chgrp mosquitto /etc/sidetune/passwd
-chown mosquitto /var/lib/sidetune/mosquitto
-# Redis: the cache settings as an include.
-install -m 0644 "$SRC/broker_config/redis.conf" /etc/redis/sidetune.conf
-grep -q "include /etc/redis/sidetune.conf" /etc/redis/redis.conf || echo "include /etc/redis/sidetune.conf" >> /etc/redis/redis.conf
-[ -f /etc/sidetune/server.toml ] || install -m 0640 -g sidetune "$SRC/deploy/server.example.toml" /etc/sidetune/server.toml
-install -m 0644 "$SRC/deploy/sidetune-server@.service" /etc/systemd/system/
-systemctl daemon-reload && systemctl restart redis-server mosquitto
-cat <<'MSG'
-Accounts: mosquitto_passwd -b /etc/sidetune/passwd sidetune-server PASSWORD   (then one per board: its device id)
-Then:     systemctl enable --now sidetune-server@1 sidetune-server@2
+
+die() { echo "install-server.sh: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+
+ROOT="" VENV="" SRC="" BROKER_USER="" HOSTS=() PORTS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) ROOT=${2:?--root needs a folder}; shift 2 ;;
+    --venv) VENV=${2:?--venv needs a folder}; shift 2 ;;
+    --hostname) HOSTS+=(--hostname "${2:?--hostname needs a name}"); shift 2 ;;
+    --broker-user) BROKER_USER=${2:?--broker-user needs a user}; shift 2 ;;
+    --tls-port|--plain-port|--redis-port|--bind) PORTS+=("$1" "${2:?$1 needs a port}"); shift 2 ;;
+    -h|--help) usage ;;
+    -*) echo "install-server.sh: unknown option $1" >&2; usage ;;
+    *) [ -z "$SRC" ] || usage; SRC=$1; shift ;;
+  esac
+done
+[ -n "$SRC" ] || usage
+SRC=$(cd "$SRC" && pwd) || die "no source folder $SRC"
+[ -f "$SRC/pyproject.toml" ] && [ -d "$SRC/broker_config" ] || die "$SRC is not the sidetune source folder"
+if [ -n "$ROOT" ]; then mkdir -p "$ROOT"; ROOT=$(cd "$ROOT" && pwd); fi
+
+# --- what this host is -----------------------------------------------------------------------
+OS_RELEASE=${SIDETUNE_OS_RELEASE:-/etc/os-release}
+[ -r "$OS_RELEASE" ] || die "cannot read $OS_RELEASE: this installer supports Debian and Ubuntu"
+os_id=$(. "$OS_RELEASE"; echo "${ID:-} ${ID_LIKE:-}")
+case " $os_id " in
+  *" debian "*|*" ubuntu "*) ;;
+  *) die "unsupported OS '$os_id' ($OS_RELEASE): this installer supports Debian and Ubuntu" ;;
+esac
+arch=${SIDETUNE_ARCH:-$(uname -m)}
+case "$arch" in
+  x86_64|aarch64) ;;
+  *) die "unsupported architecture $arch: the server needs x86_64 or aarch64 (torch's CPU wheels)" ;;
+esac
+check_python() {
+  local v
+  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && return 0
+  v=$("$1" -V 2>&1) || v="missing"
+  die "$1 is $v: sidetune needs Python 3.10 or newer"
+}
+if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or with --root DIR)"; fi
+
+# --- system packages and the service user (not under --root) --------------------------------
+if [ -z "$ROOT" ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto redis-server openssl python3-venv >/dev/null
+  id sidetune >/dev/null 2>&1 || useradd --system --home /var/lib/sidetune --shell /usr/sbin/nologin sidetune
+fi
+
+# --- the package ------------------------------------------------------------------------------
+OPT=$ROOT/opt/sidetune
+mkdir -p "$OPT" "$ROOT/etc/sidetune" "$ROOT/var/lib/sidetune"
+if [ -n "$VENV" ]; then
+  VENV=$(cd "$VENV" && pwd) || die "no virtualenv $VENV"
+  [ -x "$VENV/bin/sidetune" ] || die "--venv $VENV has no bin/sidetune: pip install '$SRC[server]' into it first"
+  check_python "$VENV/bin/python"
+  if [ "$VENV" != "$OPT/.venv" ]; then
+    [ ! -e "$OPT/.venv" ] || [ -L "$OPT/.venv" ] || die "$OPT/.venv exists and is not a link: drop --venv"
+    ln -sfn "$VENV" "$OPT/.venv"
+  fi
+else
+  check_python python3
+  [ -x "$OPT/.venv/bin/python" ] || python3 -m venv "$OPT/.venv"
+  pip=("$OPT/.venv/bin/python" -m pip install -q)
+  "${pip[@]}" --upgrade pip
+  # torch first, pinned: the server trains on the CPU.
+  "${pip[@]}" ${SIDETUNE_TORCH_INDEX:+--index-url "$SIDETUNE_TORCH_INDEX"} "torch==2.13.0"
+  "${pip[@]}" "$SRC[server]"
+  "${pip[@]}" --no-deps --force-reinstall "$SRC"   # an upgrade that kept the version number
+fi
+SIDETUNE=$OPT/.venv/bin/sidetune
+
+# --- the broker folder ------------------------------------------------------------------------
+BROKER=$ROOT/etc/sidetune/broker
+export SIDETUNE_BROKER_CONFIG=$SRC/broker_config   # the templates (a pip install does not carry them)
+UPGRADE=0
+if [ -f "$BROKER/broker.json" ]; then
+  UPGRADE=1
+  [ ${#HOSTS[@]} -eq 0 ] && [ ${#PORTS[@]} -eq 0 ] || echo "install-server.sh: $BROKER exists: --hostname and ports ignored (sidetune broker init --force replaces the broker)" >&2
+  "$SIDETUNE" broker refresh --dir "$BROKER"
+else
+  if [ -z "$BROKER_USER" ]; then
+    BROKER_USER=mosquitto
+    [ -z "$ROOT" ] || BROKER_USER=$(id -un)
+  fi
+  "$SIDETUNE" broker init "$BROKER" --user "$BROKER_USER" "${HOSTS[@]}" "${PORTS[@]}"
+fi
+
+# mosquitto: the fragment under Debian's stock /etc/mosquitto/mosquitto.conf
+install -D -m 0644 "$BROKER/conf.d/sidetune.conf" "$ROOT/etc/mosquitto/conf.d/sidetune.conf"
+# Redis: redis.conf (cache settings, port, requirepass) included by Debian's redis.conf
+install -D -m 0640 "$BROKER/redis.conf" "$ROOT/etc/redis/sidetune.conf"
+if [ -f "$ROOT/etc/redis/redis.conf" ]; then
+  grep -qx "include /etc/redis/sidetune.conf" "$ROOT/etc/redis/redis.conf" \
+    || echo "include /etc/redis/sidetune.conf" >> "$ROOT/etc/redis/redis.conf"
+fi
+# the side server
+[ -f "$ROOT/etc/sidetune/server.toml" ] || install -m 0644 "$BROKER/server.toml" "$ROOT/etc/sidetune/server.toml"
+install -D -m 0644 "$SRC/deploy/sidetune-server@.service" "$ROOT/etc/systemd/system/sidetune-server@.service"
+
+if [ -n "$ROOT" ]; then
+  echo "installed under $ROOT (no services started)"
+  exit 0
+fi
+
+# --- ownership and services (a real install) -------------------------------------------------
+chgrp redis /etc/redis/sidetune.conf
+chown sidetune:sidetune "$BROKER/server.password" "$BROKER/redis.password"   # the workers read them (0600)
+chown sidetune:sidetune /var/lib/sidetune && chmod 0700 /var/lib/sidetune
+systemctl daemon-reload
+systemctl enable -q mosquitto redis-server
+systemctl restart mosquitto redis-server
+if [ "$UPGRADE" = 1 ]; then
+  systemctl try-restart 'sidetune-server@*.service'
+  echo "upgraded: mosquitto, redis-server and the running sidetune-server@ workers restarted"
+else
+  cat <<MSG
+installed. Start two workers:   systemctl enable --now sidetune-server@1 sidetune-server@2
+Add a board:                    $SIDETUNE broker add-device BOARD_ID --dir $BROKER
 MSG
+fi

@@ -134,10 +134,11 @@ def board_settings(bundle_toml: Path, **paths: object):  # noqa: ANN201
     return load_settings(EdgeSettings, bundle_toml, **paths)
 
 
-def stock_config(tmp: Path, fragment: Path, broker_user: str | None) -> Path:
+def stock_config(tmp: Path, fragment: Path | None, broker_user: str | None, include_dir: Path | None = None) -> Path:
     """Debian's stock mosquitto.conf with only its paths pointed into ``tmp``, and ``fragment``
-    copied into its include_dir."""
-    run, lib, log, confd = (tmp / n for n in ("run", "lib", "log", "conf.d"))
+    copied into its include_dir (or ``include_dir``, an installed /etc/mosquitto/conf.d)."""
+    run, lib, log = (tmp / n for n in ("run", "lib", "log"))
+    confd = include_dir or tmp / "conf.d"
     for d in (run, lib, log, confd):
         d.mkdir(parents=True, exist_ok=True)
         if broker_user:  # what Debian's package and unit do for its user
@@ -148,7 +149,8 @@ def stock_config(tmp: Path, fragment: Path, broker_user: str | None) -> Path:
                        ("log_dest", f"file {log}/mosquitto.log"), ("include_dir", str(confd))):
         text, n = re.subn(rf"^{key} .*$", f"{key} {value}", text, flags=re.M)
         assert n == 1, key
-    shutil.copy(fragment, confd / "sidetune.conf")
+    if fragment is not None:
+        shutil.copy(fragment, confd / "sidetune.conf")
     conf = tmp / "mosquitto.conf"
     conf.write_text(text)
     return conf
