@@ -7,7 +7,9 @@ operator what was written and what to do next.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import sys
 from pathlib import Path
 
 from schemas.errors import UsageError
@@ -31,6 +33,16 @@ def _port(text: str, what: str) -> int:
         raise UsageError(f"bad {what} {text!r}: a port number") from None
 
 
+def _user_exists(user: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
+
+
 def _default_hostname() -> list[str]:
     name = socket.getfqdn()
     try:
@@ -49,6 +61,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not args.hostname:
         print(f"no --hostname given: the certificate names {', '.join([*hostnames, 'localhost', '127.0.0.1'])}")
     written = init_broker(d, params, force=args.force)
+    if os.geteuid() == 0 and params.user != "root" and not _user_exists(params.user):
+        print(f"sidetune: warning: user {params.user} does not exist: mosquitto started as root will not start "
+              f"until it does (apt-get install mosquitto creates it), or pass --user", file=sys.stderr)
     for path in written:
         print(f"wrote {path}")
     plain = f"plaintext on 127.0.0.1:{params.plain_port}" if params.plain_port else "no plaintext listener"
@@ -57,7 +72,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"""next steps:
   either Debian's broker:  cp {d}/conf.d/sidetune.conf {SYSTEM_FRAGMENT} && systemctl restart mosquitto
   or a broker of its own:  mosquitto -c {d}/mosquitto.conf
-  Redis:                   echo 'include {d}/redis.conf' >> /etc/redis/redis.conf && systemctl restart redis-server
+  Redis:                   install -m 0640 -g redis {d}/redis.conf /etc/redis/sidetune.conf
+                           echo 'include /etc/redis/sidetune.conf' >> /etc/redis/redis.conf && systemctl restart redis-server
                            (or: redis-server {d}/redis.conf --dir {d}/state)
   side server:             sidetune server --config {d}/server.toml
   each board:              sidetune broker add-device BOARD_ID --dir {d}""")
