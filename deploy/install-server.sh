@@ -98,7 +98,9 @@ SIDETUNE=$OPT/.venv/bin/sidetune
 
 # --- the broker folder ------------------------------------------------------------------------
 BROKER=$ROOT/etc/sidetune/broker
-export SIDETUNE_BROKER_CONFIG=$SRC/broker_config   # the templates (a pip install does not carry them)
+# the templates (a pip install does not carry them): beside the virtualenv, where `sidetune broker` finds them
+rm -rf "$OPT/broker_config" && cp -r "$SRC/broker_config" "$OPT/broker_config"
+export SIDETUNE_BROKER_CONFIG=$OPT/broker_config
 UPGRADE=0
 if [ -f "$BROKER/broker.json" ]; then
   UPGRADE=1

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,15 @@ SERVER_USER = "sidetune-server"
 
 
 def broker_config_dir() -> Path:
-    """The template folder: ``$SIDETUNE_BROKER_CONFIG``, else ``broker_config/`` of the source tree."""
+    """The template folder: ``$SIDETUNE_BROKER_CONFIG``, else ``broker_config/`` of the source tree
+    (an editable install), else the one next to the virtualenv (deploy/install-server.sh copies it
+    to /opt/sidetune/broker_config, beside /opt/sidetune/.venv)."""
     env = os.environ.get("SIDETUNE_BROKER_CONFIG")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "broker_config"
+    if env:
+        return Path(env)
+    source = Path(__file__).resolve().parent.parent / "broker_config"
+    beside_venv = Path(sys.prefix).parent / "broker_config"
+    return source if source.is_dir() or not beside_venv.is_dir() else beside_venv
 
 
 BROKER_CONFIG = broker_config_dir()

@@ -75,7 +75,8 @@ def test_install_server_then_board_and_connect_over_tls(root, start):  # noqa: F
                "--bind", "127.0.0.1", "--broker-user", broker_user, ".")
     broker = srv_root / "etc/sidetune/broker"
     for path in ("etc/mosquitto/conf.d/sidetune.conf", "etc/redis/sidetune.conf", "etc/sidetune/server.toml",
-                 "etc/systemd/system/sidetune-server@.service", "opt/sidetune/.venv/bin/sidetune"):
+                 "etc/systemd/system/sidetune-server@.service", "opt/sidetune/.venv/bin/sidetune",
+                 "opt/sidetune/broker_config/sidetune.conf"):
         assert (srv_root / path).exists(), path
     assert (srv_root / "etc/mosquitto/conf.d/sidetune.conf").read_bytes() == (broker / "conf.d/sidetune.conf").read_bytes()
     assert stat.S_IMODE((srv_root / "etc/redis/sidetune.conf").stat().st_mode) == 0o640
