@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _logging(level: str) -> None:
-    """Under systemd, journald takes the level from a ``<N>`` prefix (sd-daemon(3)) and adds the time."""
+    """Log lines go to stdout, so that stderr carries only the error a command ends with (one line).
+    Under systemd, journald takes the level from a ``<N>`` prefix (sd-daemon(3)) and adds the time."""
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
         prefix = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
@@ -52,11 +53,12 @@ def _logging(level: str) -> None:
             def format(self, record: logging.LogRecord) -> str:
                 return f"<{prefix.get(record.levelname, 6)}>{super().format(record)}"
 
-        handler = logging.StreamHandler(sys.stderr)
+        handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(Journald("%(name)s %(levelname)s %(message)s"))
         logging.basicConfig(level=level.upper(), handlers=[handler])
     else:
-        logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            stream=sys.stdout)
 
 
 def _train(settings: EdgeSettings) -> int:

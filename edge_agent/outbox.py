@@ -39,7 +39,8 @@ class OutboxSender:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def kick(self) -> None:
         self._wake.set()
