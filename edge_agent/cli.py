@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +17,14 @@ from typing import Any
 from edge_agent.config import EdgeSettings
 from edge_agent.presence import agent_running, read_state
 from schemas.errors import ExitCode, UnavailableError, UsageError
+from schemas.logs import setup_logging
 from schemas.settings import load_settings
 
 
 def run(args: argparse.Namespace) -> int:
     os.umask(0o077)  # everything the board writes (texts, token ids, labels, secrets) is its own
     settings = load_settings(EdgeSettings, args.config)
-    _logging(settings.log_level)
+    setup_logging(settings.log_level)
     cmd = args.edge_cmd
     if cmd == "train":
         return _train(settings)
@@ -41,24 +40,6 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: agent.stopping.set())
     agent.run()
     return ExitCode.OK
-
-
-def _logging(level: str) -> None:
-    """Log lines go to stdout, so that stderr carries only the error a command ends with (one line).
-    Under systemd, journald takes the level from a ``<N>`` prefix (sd-daemon(3)) and adds the time."""
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
-        prefix = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-        class Journald(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                return f"<{prefix.get(record.levelname, 6)}>{super().format(record)}"
-
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(Journald("%(name)s %(levelname)s %(message)s"))
-        logging.basicConfig(level=level.upper(), handlers=[handler])
-    else:
-        logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                            stream=sys.stdout)
 
 
 def _train(settings: EdgeSettings) -> int:

@@ -16,9 +16,9 @@ class EdgeSettings(FileThenEnv):
     model_config = SettingsConfigDict(env_prefix="SIDETUNE_EDGE_", env_nested_delimiter="__", extra="forbid")
 
     device_id: str
-    #: The device's MQTT password (its user name is its device id): from ``password_file``
-    #: (0600, written by `sidetune broker add-device`), else systemd's credential
-    #: ``broker-password`` (``LoadCredential=``), else ``password`` itself.
+    #: The device's MQTT password (its user name is its device id): systemd's credential
+    #: ``broker-password`` (``LoadCredential=``) when the unit gives one, else ``password_file``
+    #: (0600, written by `sidetune broker add-device`), else ``password`` itself.
     password_file: Path | None = None
     password: str = ""
     broker_host: str = "127.0.0.1"

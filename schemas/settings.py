@@ -65,17 +65,16 @@ EXAMPLE_PASSWORDS = frozenset({"change-me", "changeme", "CHANGE-ME"})
 
 
 def read_secret(what: str, inline: str, path: Path | None, credential: str | None = None) -> str:
-    """A password from, in order: ``path`` (a file, e.g. ``password_file``), systemd's
-    credential ``credential`` (``LoadCredential=NAME:...`` puts it in ``$CREDENTIALS_DIRECTORY``),
-    then ``inline`` (the TOML or the environment). Trailing newlines are dropped; an empty or
-    example password is a configuration error."""
+    """A password from, in order: systemd's credential ``credential`` (``LoadCredential=NAME:FILE``
+    puts it in ``$CREDENTIALS_DIRECTORY``, so the file itself can stay readable by root only),
+    then ``path`` (a file, e.g. ``password_file``), then ``inline`` (the TOML or the environment).
+    Trailing newlines are dropped; an empty or example password is a configuration error."""
     source, value = "", inline
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-    if path is not None:
+    if credential and cred_dir and (Path(cred_dir) / credential).is_file():
+        source, path = f"systemd credential {credential}", Path(cred_dir) / credential
+    elif path is not None:
         source = str(path)
-    elif credential and cred_dir and (Path(cred_dir) / credential).is_file():
-        source = f"systemd credential {credential}"
-        path = Path(cred_dir) / credential
     if path is not None:
         try:
             value = path.read_text(encoding="utf-8").rstrip("\r\n")

@@ -16,6 +16,7 @@ import threading
 import redis
 
 from schemas.errors import ConfigurationError, ExitCode, UnavailableError
+from schemas.logs import setup_logging
 from schemas.settings import load_settings
 from schemas.systemd import Watchdog, notify
 from side_server.config import ServerSettings
@@ -25,7 +26,7 @@ log = logging.getLogger("sidetune.server")
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(ServerSettings, args.config)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(settings.log_level)
     from side_server.worker import Worker
 
     worker = Worker(settings)

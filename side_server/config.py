@@ -18,14 +18,14 @@ class ServerSettings(FileThenEnv):
     broker_host: str = "127.0.0.1"
     broker_port: int = Field(default=1883, gt=0, lt=65536)
     broker_username: str = "sidetune-server"
-    #: The server account's password: ``broker_password_file``, else systemd's credential
-    #: ``broker-password``, else ``broker_password`` itself.
+    #: The server account's password: systemd's credential ``broker-password`` when the unit
+    #: gives one, else ``broker_password_file``, else ``broker_password`` itself.
     broker_password_file: Path | None = None
     broker_password: str = ""
     broker_ca_file: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
-    #: Redis's ``requirepass`` (from `sidetune broker init`): this file, else systemd's credential
-    #: ``redis-password``, else whatever ``redis_url`` carries.
+    #: Redis's ``requirepass`` (from `sidetune broker init`): systemd's credential ``redis-password``
+    #: when the unit gives one, else this file, else whatever ``redis_url`` carries.
     redis_password_file: Path | None = None
     #: Workers with the same group share the uplinks ($share/<group>/...).
     share_group: str = "workers"

@@ -360,3 +360,12 @@ def test_a_missing_extra_names_the_extra_to_install(tmp_path):
     assert proc.returncode == ExitCode.CONFIG, proc.stderr
     assert proc.stderr.strip() == ("sidetune: error: `sidetune server` needs the 'server' extra (redis is not "
                                    "installed): pip install 'sidetune[server]'")
+
+
+def test_log_lines_carry_journald_levels_under_systemd(tmp_path):
+    code = ("import logging; from schemas.logs import setup_logging; setup_logging('INFO'); "
+            "logging.getLogger('sidetune.edge').warning('outbox %d', 3); logging.getLogger('x').info('up')")
+    env = {**os.environ, "JOURNAL_STREAM": "8:1234"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
+    assert proc.stdout.splitlines() == ["<4>sidetune.edge WARNING outbox 3", "<6>x INFO up"]
+    assert proc.stderr == ""
