@@ -1,5 +1,10 @@
 """The inbox folder: applications drop JSONL files of ``{"text": ..., "label": ...}``.
 
+Write, then rename: only names ending in ``.jsonl`` are read, and a file is read
+as soon as it appears, so an application writes ``NAME.jsonl.part`` (any other
+suffix) and renames it to ``NAME.jsonl`` once it is complete (a rename within one
+filesystem is atomic); a file written in place may be read half-written.
+
 A file is read whole, its good lines stored in the ledger in one transaction,
 then moved to ``processed/``; bad lines are reported (file, line, why) in the
 log and in ``rejected/<file>.errors`` and skipped, never fatal.

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.ledger import Ledger
+from schemas.errors import SidetuneError, UsageError
 from sidetune.data import Review, load_reviews, shards
 from sidetune.services import SERVER_USER, Mosquitto, RedisServer
 
@@ -53,7 +54,7 @@ def ensure_backbone(path: Path | None) -> Path:
         print(f"[demo] reusing the backbone in {target}")
         return target
     if path is not None and path.exists() and any(path.iterdir()):
-        raise SystemExit(f"sidetune demo: {path} is not an exported backbone (no manifest.json)")
+        raise UsageError(f"{path} is not an exported backbone (no manifest.json)")
     print(f"[demo] exporting SmolLM2-135M-Instruct to {target} (first run only, ~1 min)")
     from backbone_export import export_backbone
 
@@ -75,7 +76,7 @@ def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> sub
 
 def run_demo(args: argparse.Namespace) -> int:
     if args.devices < 1 or args.samples < 2 or args.holdout < 1 or args.epochs < 1:
-        raise SystemExit("sidetune demo: --devices, --samples, --holdout and --epochs must be positive")
+        raise UsageError("--devices, --samples, --holdout and --epochs must be positive")
     signal.signal(signal.SIGTERM, _terminate)  # run the clean-up below on `kill` too, not only on Ctrl-C
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sidetune-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -159,8 +160,8 @@ def _terminate(signum: int, frame: object) -> None:
 def _alive(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is not None:
-            raise SystemExit(f"sidetune demo: a child process ({p.args!s:.120}) exited with "
-                             f"code {p.returncode}; see its log in the work folder")
+            raise SidetuneError(f"a child process ({p.args!s:.120}) exited with "
+                              f"code {p.returncode}; see its log in the work folder")
 
 
 def _wait_inbox(states: dict[str, Path], procs: list[subprocess.Popen[bytes]]) -> None:
@@ -170,7 +171,7 @@ def _wait_inbox(states: dict[str, Path], procs: list[subprocess.Popen[bytes]]) -
         if all((s / "state.db").exists() and not list((s / "inbox").glob("*.jsonl")) for s in states.values()):
             return
         time.sleep(0.5)
-    raise SystemExit("sidetune demo: the agents did not read their inbox within 5 minutes")
+    raise SidetuneError("the agents did not read their inbox within 5 minutes")
 
 
 def _follow(states: dict[str, Path], rnd: int, procs: list[subprocess.Popen[bytes]]) -> dict[str, dict[str, Any]]:
@@ -202,7 +203,7 @@ def _follow(states: dict[str, Path], rnd: int, procs: list[subprocess.Popen[byte
         if len(rows) == len(states) and all(r["state"] in ("done", "failed") for r in rows.values()):
             return {dev: _clean(r) for dev, r in rows.items()}
         time.sleep(1.0)
-    raise SystemExit(f"sidetune demo: round {rnd} did not finish within {ROUND_TIMEOUT:.0f} s")
+    raise SidetuneError(f"round {rnd} did not finish within {ROUND_TIMEOUT:.0f} s")
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
