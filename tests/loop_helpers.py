@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,9 +37,11 @@ from schemas import (
     encode,
     topic,
 )
-from side_server.config import ServerSettings
-from side_server.worker import Worker
 from sidetune.services import SERVER_USER, Mosquitto
+
+if TYPE_CHECKING:  # the server side (torch, redis) is imported only by the tests that start one
+    from side_server.config import ServerSettings
+    from side_server.worker import Worker
 
 POS = ["good", "great", "excellent", "brilliant", "charming", "fun", "beautiful", "clever", "love", "masterpiece"]
 NEG = ["bad", "terrible", "awful", "boring", "dull", "tedious", "weak", "ugly", "hate", "disaster"]
@@ -85,6 +87,8 @@ def edge_settings(tmp: Path, backbone: Path, mosquitto: Mosquitto, device: str, 
 
 
 def server_settings(mosquitto: Mosquitto, redis_url: str, password: str, **kw: object) -> ServerSettings:
+    from side_server.config import ServerSettings
+
     base: dict[str, object] = dict(broker_port=mosquitto.port, broker_username=SERVER_USER,
                                    broker_password=password, redis_url=redis_url, lease_seconds=5.0)
     base.update(kw)
@@ -125,6 +129,8 @@ def round_state(agent: EdgeAgent, number: int) -> dict[str, object] | None:
 
 
 def start_worker(settings: ServerSettings) -> Worker:
+    from side_server.worker import Worker
+
     return Worker(settings).start()
 
 

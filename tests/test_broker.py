@@ -47,7 +47,7 @@ from schemas.topics import DOWNLINK_KINDS, UPLINK_KINDS
 from schemas.vectors import FINGERPRINT, example_messages
 from sidetune.services import SERVER_USER
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.integration, pytest.mark.edge, pytest.mark.timeout(60)]
 
 MAX_PACKET_SIZE = 17825792  # broker_config/mosquitto.conf
 

@@ -16,6 +16,9 @@ try:  # the same module object as the other test files use (one export cache)
 except ImportError:  # tests/ itself on sys.path
     from tiny_models import exported_tiny
 
+#: Runs with the edge extra alone (no torch, no redis): the board's Python 3.10 CI step too.
+pytestmark = pytest.mark.edge
+
 REPO = Path(__file__).resolve().parent.parent
 FORBIDDEN = ("torch", "transformers", "redis")
 

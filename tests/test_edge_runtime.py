@@ -22,6 +22,9 @@ try:  # the same module object as the other test files use (one export cache)
 except ImportError:  # tests/ itself on sys.path
     from tiny_models import exported_tiny
 
+#: Runs with the edge extra alone (no torch, no redis): the board's Python 3.10 CI step too.
+pytestmark = pytest.mark.edge
+
 SENTIMENT = {
     "name": "sentiment",
     "template": "Review: {text}\nSentiment:",

@@ -80,28 +80,33 @@ def assert_config_error(proc: subprocess.CompletedProcess[str], *words: str) -> 
 # ----------------------------------------------------------------- exit 78, one line
 
 
+@pytest.mark.edge
 def test_missing_backbone_folder_is_a_configuration_error(tmp_path):
     cfg = board_config(tmp_path, tmp_path / "no-such-backbone", free_port(), "dev-x", "pw-x")
     assert_config_error(edge_run(cfg), "no-such-backbone", "does not exist")
 
 
+@pytest.mark.edge
 def test_bad_task_is_a_configuration_error(tmp_path, tiny_backbone):
     cfg = board_config(tmp_path, tiny_backbone, free_port(), "dev-x", "pw-x")
     (tmp_path / "task.toml").write_text('name = "t"\ntemplate = "no placeholder"\n')
     assert_config_error(edge_run(cfg), "task")
 
 
+@pytest.mark.edge
 def test_example_password_is_refused(tmp_path, tiny_backbone):
     cfg = board_config(tmp_path, tiny_backbone, free_port(), "dev-x", "change-me")
     assert_config_error(edge_run(cfg), "example")
 
 
+@pytest.mark.edge
 def test_wrong_password_is_a_configuration_error(tmp_path, tiny_backbone, mosquitto, device_account):
     device, _ = device_account
     cfg = board_config(tmp_path, tiny_backbone, mosquitto.port, device, "not-the-password")
     assert_config_error(edge_run(cfg), "refused", device)
 
 
+@pytest.mark.edge
 def test_certificate_from_another_ca_is_a_configuration_error(tmp_path, tiny_backbone, mosquitto, device_account):
     from sidetune.certs import make_ca
 
@@ -112,6 +117,7 @@ def test_certificate_from_another_ca_is_a_configuration_error(tmp_path, tiny_bac
     assert_config_error(edge_run(cfg), "does not verify")
 
 
+@pytest.mark.edge
 def test_the_right_ca_connects(tmp_path, tiny_backbone, mosquitto, device_account):
     device, password = device_account
     cfg = board_config(tmp_path, tiny_backbone, mosquitto.tls_port, device, password,
@@ -242,6 +248,7 @@ def test_watchdog_gaps_stay_under_half_its_timeout_on_a_slow_board(tmp_path, tin
 # ----------------------------------------------------------------- status, train
 
 
+@pytest.mark.edge
 def test_train_without_an_agent_fails_clearly(tmp_path, tiny_backbone, capsys):
     cfg = board_config(tmp_path, tiny_backbone, free_port(), "dev-x", "pw-x")
     assert main(["edge", "train", "--config", str(cfg)]) == ExitCode.UNAVAILABLE
@@ -282,6 +289,7 @@ def test_status_says_running_connected_adapter_and_last_round(tmp_path, tiny_bac
     assert st["adapter_version"] == 1
 
 
+@pytest.mark.edge
 def test_a_second_agent_on_the_same_state_is_refused(tmp_path, tiny_backbone, mosquitto, device_account):
     device, password = device_account
     settings = edge_settings(tmp_path, tiny_backbone, mosquitto, device, password)
@@ -320,6 +328,7 @@ def test_files_holding_samples_or_secrets_are_private_whatever_the_umask(tmp_pat
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
 
 
+@pytest.mark.edge
 def test_nested_environment_overrides_reach_hyper_parameters(tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "edge.toml", device_id="b-1", state_dir=tmp_path, backbone_dir=tmp_path,
                        task_file=tmp_path / "t.toml")
@@ -332,6 +341,7 @@ def test_nested_environment_overrides_reach_hyper_parameters(tmp_path, monkeypat
         load_settings(EdgeSettings, cfg)
 
 
+@pytest.mark.edge
 def test_password_from_a_systemd_credential(tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "edge.toml", device_id="b-1", state_dir=tmp_path, backbone_dir=tmp_path,
                        task_file=tmp_path / "t.toml")
@@ -344,6 +354,7 @@ def test_password_from_a_systemd_credential(tmp_path, monkeypatch):
     assert s.broker_password() == "from-systemd"
 
 
+@pytest.mark.edge
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
@@ -351,6 +362,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("sidetune ")
 
 
+@pytest.mark.edge
 def test_a_missing_extra_names_the_extra_to_install(tmp_path):
     """A board (edge extra only) asked to run the server: which extra, not a traceback."""
     code = ("import sys; sys.modules['redis'] = None; from sidetune.cli import main; "
@@ -362,6 +374,7 @@ def test_a_missing_extra_names_the_extra_to_install(tmp_path):
                                    "installed): pip install 'sidetune[server]'")
 
 
+@pytest.mark.edge
 def test_log_lines_carry_journald_levels_under_systemd(tmp_path):
     code = ("import logging; from schemas.logs import setup_logging; setup_logging('INFO'); "
             "logging.getLogger('sidetune.edge').warning('outbox %d', 3); logging.getLogger('x').info('up')")

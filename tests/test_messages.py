@@ -41,6 +41,9 @@ from schemas.limits import MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES, MAX_TENSOR_ELEME
 from schemas.vectors import DEVICE, FINGERPRINT, SPEC, example_messages
 from tests.wire_helpers import frame, header_bytes, join, split
 
+#: Runs with the edge extra alone (no torch, no redis): the board's Python 3.10 CI step too.
+pytestmark = pytest.mark.edge
+
 # --------------------------------------------------------------------------- helpers: craft payloads
 
 

@@ -16,6 +16,9 @@ from schemas import WireTensor
 from schemas.limits import MAX_TENSOR_ELEMENTS, MAX_TENSOR_NDIM
 from schemas.tensors import MIN_SCALE
 
+#: Runs with the edge extra alone (no torch, no redis): the board's Python 3.10 CI step too.
+pytestmark = pytest.mark.edge
+
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-24  # smallest fp16 subnormal: the absolute resolution near 0
 

@@ -9,6 +9,9 @@ from hypothesis import strategies as st
 from schemas import KINDS, Topic, WireError, subscription, topic
 from schemas.topics import DEVICE_ID_PATTERN, DOWNLINK_KINDS, PREFIX, UPLINK_KINDS
 
+#: Runs with the edge extra alone (no torch, no redis): the board's Python 3.10 CI step too.
+pytestmark = pytest.mark.edge
+
 device_ids = st.from_regex(DEVICE_ID_PATTERN, fullmatch=True)
 
 

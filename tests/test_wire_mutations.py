@@ -28,7 +28,7 @@ from schemas import KINDS, Message, WireError, decode, encode, topic
 from schemas.vectors import DEVICE, example_messages
 from tests.wire_helpers import frame, header_bytes, split
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.edge, pytest.mark.timeout(60)]
 
 #: Longest a single decode may take (the largest vector is < 2 KB; headers are bounded at 4 MiB).
 SLOW = 10.0  # seconds: catches a hang or a blow-up, not a slow day (speed belongs in benchmarks)
