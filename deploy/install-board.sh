@@ -16,6 +16,7 @@
 #   --venv PATH   use this existing virtualenv (sidetune[edge] installed in it) instead of creating
 #                 /opt/sidetune/.venv; it is linked there
 set -euo pipefail
+umask 022   # folders others must traverse (mosquitto's user, the agent's); secrets get explicit modes
 
 die() { echo "install-board.sh: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }

@@ -23,6 +23,7 @@
 # Environment: SIDETUNE_TORCH_INDEX=URL installs torch from that index (e.g. PyTorch's CPU-only
 # wheel index, where it is reachable); by default torch==2.13.0 comes from the configured index.
 set -euo pipefail
+umask 022   # folders others must traverse (mosquitto's user, the agent's); secrets get explicit modes
 
 die() { echo "install-server.sh: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }

@@ -87,9 +87,18 @@ class BrokerParams:
 # ------------------------------------------------------------------ files
 
 
+def _mkdirs(path: Path, mode: int = 0o755) -> None:
+    """``path`` and its missing parents, each ``mode`` whatever the umask (mosquitto's user must
+    traverse them to the files it reads)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(exist_ok=True)
+        p.chmod(mode)
+
+
 def _write(path: Path, text: str, mode: int = 0o644) -> Path:
     """Write ``text`` to ``path`` atomically, with ``mode`` from the first byte."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -205,7 +214,7 @@ def init_broker(directory: Path, params: BrokerParams, *, force: bool = False) -
         if (d / "devices").is_dir():
             shutil.rmtree(d / "devices")
     find_binary("mosquitto_passwd", "mosquitto")  # fail before writing anything
-    d.mkdir(parents=True, exist_ok=True)
+    _mkdirs(d)
     d.chmod(0o755)  # the broker user traverses it; the secrets inside are 0600/0640
     make_ca(d)
     make_server_cert(d, params.hostnames)

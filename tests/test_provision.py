@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from sidetune.cli import main
-from sidetune.services import _stop, _wait_for_port, find_binary, free_port
+from sidetune.services import ServiceError, _stop, _wait_for_port, find_binary, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -139,8 +139,11 @@ def stock_config(tmp: Path, fragment: Path | None, broker_user: str | None, incl
     copied into its include_dir (or ``include_dir``, an installed /etc/mosquitto/conf.d)."""
     run, lib, log = (tmp / n for n in ("run", "lib", "log"))
     confd = include_dir or tmp / "conf.d"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.chmod(0o755)
     for d in (run, lib, log, confd):
         d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o755)
         if broker_user:  # what Debian's package and unit do for its user
             acct = pwd.getpwnam(broker_user)
             os.chown(d, acct.pw_uid, acct.pw_gid)
@@ -165,9 +168,16 @@ def start() -> Iterator[Starter]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def run(args: list[str], port: int, log: Path, what: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(proc)
-        _wait_for_port(proc, port, log, what)
+        import tempfile
+
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+            procs.append(proc)
+            try:
+                _wait_for_port(proc, port, log, what)
+            except ServiceError as e:
+                err.seek(0)
+                pytest.fail(f"{e}\nstderr: {err.read().decode(errors='replace')[-2000:]}", pytrace=False)
         return proc
 
     yield run
