@@ -217,18 +217,43 @@ def test_int8_export(tmp_path_factory, llama):
     data = (out / "backbone.onnx").read_bytes()
     assert manifest["fingerprint"] == hashlib.sha256(data).hexdigest() != fp_manifest["fingerprint"]
     assert manifest["verify_fp32_rel_error"] <= 1e-4
-    assert manifest["verify_cosine_min"] > 0.9
+    # Every layer's pivot state close to torch's (seeds 0-19 of the tiny llama:
+    # 0.984-0.997 with 7-bit weights, on a CPU with or without VNNI).
+    assert manifest["verify_cosine_min"] > 0.95
     import onnx
+    from onnx import numpy_helper
 
-    ops = {n.op_type for n in onnx.load(str(out / "backbone.onnx")).graph.node}
+    graph = onnx.load(str(out / "backbone.onnx")).graph
+    ops = {n.op_type for n in graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    # 7-bit weights: ONNX Runtime's u8s8 kernel on x86 without VNNI sums pairs of
+    # products in saturating int16, exact only while 2 * 255 * |w| <= 32767.
+    inits = {i.name: i for i in graph.initializer}
+    weights = [
+        numpy_helper.to_array(inits[name])
+        for n in graph.node
+        if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+        for name in n.input[1:2]
+        if name in inits
+    ]
+    assert weights and all(w.dtype == np.int8 and np.abs(w).max() <= 64 for w in weights)
     rng = np.random.default_rng(3)
     seqs = _random_seqs(rng, 4, manifest["vocab_size"], [1], [])
     a = _run(_session(out / "backbone.onnx"), seqs, 3, "right")
     b = _run(_session(fp_out / "backbone.onnx"), seqs, 3, "right")
     assert a["pivot_states"].shape == b["pivot_states"].shape
-    assert min_cosine(a["pivot_states"], b["pivot_states"]) > 0.9
-    assert min_cosine(a["pivot_logits"], b["pivot_logits"]) > 0.9
+    assert min_cosine(a["pivot_states"], b["pivot_states"]) > 0.95
+    assert min_cosine(a["pivot_logits"], b["pivot_logits"]) > 0.95
+    # The same numbers as ONNX Runtime's exact (u8u8) kernel: no CPU-dependent
+    # saturation (on an AVX2-only CPU 8-bit weights gave 0.81 here, not 0.99).
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.x64quantprecision", "1")
+    exact = ort.InferenceSession(
+        str(out / "backbone.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
+    c = _run(exact, seqs, 3, "right")
+    assert rel_error(a["pivot_states"], c["pivot_states"]) <= 1e-5
+    assert rel_error(a["pivot_logits"], c["pivot_logits"]) <= 1e-5
 
 
 # -- progress, CLI, errors ----------------------------------------------------
