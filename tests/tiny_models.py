@@ -17,6 +17,9 @@ wraps every text as ``[CLS] ... [SEP]``.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 # Words every test or integration test may rely on being single tokens.
@@ -156,21 +159,55 @@ def make_tiny_bert(
 
 _EXPORTS: dict[tuple[str, str | None, int], tuple[Path, dict]] = {}
 
+#: A folder of tiny backbones exported beforehand (``python -m tests.tiny_models DIR``), for test
+#: environments without torch (the board's Python 3.10 step, scripts/test-py310): DIR/llama-fp32 ...
+PREBUILT_ENV = "SIDETUNE_TEST_BACKBONES"
+
 
 def exported_tiny(
     tmp_path_factory, kind: str = "llama", quantize: str | None = None
 ) -> tuple[Path, dict]:
     """(backbone folder, manifest) of an exported tiny model, once per pytest session.
 
-    ``kind`` is "llama" or "bert"; pass pytest's ``tmp_path_factory``.
+    ``kind`` is "llama" or "bert"; pass pytest's ``tmp_path_factory``. With
+    ``$SIDETUNE_TEST_BACKBONES`` set, a copy of the one exported there is used instead.
     """
-    from backbone_export import export_backbone
-
     key = (kind, quantize, id(tmp_path_factory))
     if key not in _EXPORTS:
-        make = {"llama": make_tiny_llama, "bert": make_tiny_bert}[kind]
-        model_dir = make(tmp_path_factory.mktemp(f"tiny-{kind}"))
-        out = tmp_path_factory.mktemp(f"backbone-{kind}-{quantize or 'fp32'}")
-        manifest = export_backbone(model_dir, out, quantize=quantize, progress=lambda _m: None)
+        name = f"{kind}-{quantize or 'fp32'}"
+        out = tmp_path_factory.mktemp(f"backbone-{name}")
+        prebuilt = os.environ.get(PREBUILT_ENV)
+        if prebuilt:
+            src = Path(prebuilt) / name
+            if not (src / "manifest.json").exists():
+                raise FileNotFoundError(f"{src} holds no exported backbone: run python -m tests.tiny_models {prebuilt}")
+            shutil.copytree(src, out, dirs_exist_ok=True)
+            manifest = json.loads((out / "manifest.json").read_text())
+        else:
+            from backbone_export import export_backbone
+
+            make = {"llama": make_tiny_llama, "bert": make_tiny_bert}[kind]
+            model_dir = make(tmp_path_factory.mktemp(f"tiny-{kind}"))
+            manifest = export_backbone(model_dir, out, quantize=quantize, progress=lambda _m: None)
         _EXPORTS[key] = (out, manifest)
     return _EXPORTS[key]
+
+
+def export_all(target: Path) -> None:
+    """Export the fp32 tiny llama and bert into ``target`` (for :data:`PREBUILT_ENV`)."""
+    import tempfile
+
+    from backbone_export import export_backbone
+
+    for kind, make in (("llama", make_tiny_llama), ("bert", make_tiny_bert)):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = target / f"{kind}-fp32"
+            shutil.rmtree(out, ignore_errors=True)
+            export_backbone(make(Path(tmp) / kind), out, progress=lambda _m: None)
+            print(f"exported tiny {kind} to {out}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    export_all(Path(sys.argv[1]))
