@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ from schemas.settings import load_settings
 
 
 def run(args: argparse.Namespace) -> int:
-    os.umask(0o077)  # everything the board writes (texts, token ids, labels, secrets) is its own
     settings = load_settings(EdgeSettings, args.config)
     setup_logging(settings.log_level)
     cmd = args.edge_cmd

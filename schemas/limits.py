@@ -1,6 +1,6 @@
 """Size bounds of the wire contract, in one place.
 
-The broker's ``max_packet_size`` (broker_config/mosquitto.conf) is set a little
+The broker's ``max_packet_size`` (broker_config/sidetune.conf) is set a little
 above :data:`MAX_PAYLOAD_BYTES` so that the contract, not the broker, decides.
 """
 

@@ -49,7 +49,7 @@ from sidetune.services import SERVER_USER
 
 pytestmark = [pytest.mark.integration, pytest.mark.edge, pytest.mark.timeout(60)]
 
-MAX_PACKET_SIZE = 17825792  # broker_config/mosquitto.conf
+MAX_PACKET_SIZE = 17825792  # broker_config/sidetune.conf
 
 
 class Peer:

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.prefix)
 #: The file whose "## Deploy" section (or, without one, whole text) the doc test follows.
 #: docs/deploy-section.md until the lead pastes it into README.md; then point this there.
-DEPLOY_DOC = REPO / "docs" / "deploy-section.md"
+DEPLOY_DOC = REPO / "README.md"
 
 
 def run_script(name: str, *args: str, env: dict[str, str] | None = None, check: bool = True
