@@ -18,7 +18,9 @@
 set -euo pipefail
 umask 022   # folders others must traverse (mosquitto's user, the agent's); secrets get explicit modes
 
-die() { echo "install-board.sh: $*" >&2; exit 1; }
+PROG=install-board.sh
+# shellcheck source=deploy/host-checks.sh
+. "$(dirname "$0")/host-checks.sh"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
 ROOT="" VENV="" SRC="" BUNDLE=""
@@ -37,24 +39,8 @@ SRC=$(cd "$SRC" && pwd) || die "no source folder $SRC"
 [ -f "$SRC/pyproject.toml" ] && [ -f "$SRC/deploy/task.example.toml" ] || die "$SRC is not the sidetune source folder"
 if [ -n "$ROOT" ]; then mkdir -p "$ROOT"; ROOT=$(cd "$ROOT" && pwd); fi
 # --- what this board is -----------------------------------------------------------------------
-OS_RELEASE=${SIDETUNE_OS_RELEASE:-/etc/os-release}
-[ -r "$OS_RELEASE" ] || die "cannot read $OS_RELEASE: this installer supports Debian and Ubuntu and their derivatives"
-os_id=$(. "$OS_RELEASE"; echo "${ID:-} ${ID_LIKE:-}")
-case " $os_id " in
-  *" debian "*|*" ubuntu "*) ;;
-  *) die "unsupported OS '$os_id' ($OS_RELEASE): this installer supports Debian and Ubuntu and their derivatives" ;;
-esac
-arch=${SIDETUNE_ARCH:-$(uname -m)}
-case "$arch" in
-  x86_64|aarch64|armv7l) ;;
-  *) die "unsupported architecture $arch: a board needs x86_64, aarch64 or armv7l" ;;
-esac
-check_python() {
-  local v
-  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && return 0
-  v=$("$1" -V 2>&1) || v="missing"
-  die "$1 is $v: sidetune needs Python 3.10 or newer"
-}
+check_os
+check_arch "a board" x86_64 aarch64 armv7l
 if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or with --root DIR)"; fi
 
 ETC=$ROOT/etc/sidetune

@@ -25,7 +25,9 @@
 set -euo pipefail
 umask 022   # folders others must traverse (mosquitto's user, the agent's); secrets get explicit modes
 
-die() { echo "install-server.sh: $*" >&2; exit 1; }
+PROG=install-server.sh
+# shellcheck source=deploy/host-checks.sh
+. "$(dirname "$0")/host-checks.sh"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
 ROOT="" VENV="" SRC="" BROKER_USER="" HOSTS=() PORTS=()
@@ -47,24 +49,8 @@ SRC=$(cd "$SRC" && pwd) || die "no source folder $SRC"
 if [ -n "$ROOT" ]; then mkdir -p "$ROOT"; ROOT=$(cd "$ROOT" && pwd); fi
 
 # --- what this host is -----------------------------------------------------------------------
-OS_RELEASE=${SIDETUNE_OS_RELEASE:-/etc/os-release}
-[ -r "$OS_RELEASE" ] || die "cannot read $OS_RELEASE: this installer supports Debian and Ubuntu"
-os_id=$(. "$OS_RELEASE"; echo "${ID:-} ${ID_LIKE:-}")
-case " $os_id " in
-  *" debian "*|*" ubuntu "*) ;;
-  *) die "unsupported OS '$os_id' ($OS_RELEASE): this installer supports Debian and Ubuntu" ;;
-esac
-arch=${SIDETUNE_ARCH:-$(uname -m)}
-case "$arch" in
-  x86_64|aarch64) ;;
-  *) die "unsupported architecture $arch: the server needs x86_64 or aarch64 (torch's CPU wheels)" ;;
-esac
-check_python() {
-  local v
-  "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && return 0
-  v=$("$1" -V 2>&1) || v="missing"
-  die "$1 is $v: sidetune needs Python 3.10 or newer"
-}
+check_os
+check_arch "the server (torch's CPU wheels)" x86_64 aarch64
 if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or with --root DIR)"; fi
 
 # --- system packages and the service user (not under --root) --------------------------------
