@@ -382,3 +382,18 @@ def test_log_lines_carry_journald_levels_under_systemd(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)
     assert proc.stdout.splitlines() == ["<4>sidetune.edge WARNING outbox 3", "<6>x INFO up"]
     assert proc.stderr == ""
+
+
+@pytest.mark.edge
+def test_predict_builds_the_model_only(tmp_path, tiny_backbone, capsys):
+    """No broker, no ledger, no daemon: the backbone, the secret and the installed adapter (none yet)."""
+    cfg = board_config(tmp_path, tiny_backbone, free_port(), "dev-x", "pw-x")
+    assert main(["edge", "predict", "--config", str(cfg), "great fun movie", "dull boring plot"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, text in zip(lines, ["great fun movie", "dull boring plot"]):
+        cls, probs, version, echoed = line.split("\t")
+        assert cls in ("fresh", "rotten") and probs.startswith("[fresh ") and version == "adapter v0"
+        assert echoed == text
+    state = tmp_path / "state"
+    assert (state / "secret.json").exists() and not (state / "state.db").exists()
