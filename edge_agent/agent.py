@@ -87,6 +87,7 @@ class EdgeAgent:
             self.outbox = OutboxSender(self.ledger, self.transport, on_sent=self._count_up)
         self._announce = False
         self._first_connection = True
+        self._presence: dict[str, object] = {}
         self._presence_at = float("-inf")
 
     # the model's parts (tools and tests read them here)
@@ -205,17 +206,20 @@ class EdgeAgent:
             self.rounds.check_timeout()
         self._write_presence()
 
-    def _write_presence(self, every: float = 2.0) -> None:
-        now = time.monotonic()
-        if now - self._presence_at < every and not self.stopping.is_set():
-            return
-        self._presence_at = now
+    def _write_presence(self, every: float = 60.0) -> None:
+        """Rewrite ``agent.json`` when what it says changes (and once a minute): not every turn,
+        since a board's SD card wears with each write."""
         r = self.rounds.current
-        write_state(self.state_dir, device_id=self.s.device_id, agent_version=__version__,
+        said = dict(device_id=self.s.device_id, agent_version=__version__,
                     connected=bool(self.transport and self.transport.connected.is_set() and not self.stopping.is_set()),
                     running=not self.stopping.is_set(), adapter_version=self.model.adapter_version,
                     round=r.number if r else None, activity=self.ledger.get_meta("activity") or "idle",
                     broker=f"{self.s.broker_host}:{self.s.broker_port}")
+        now = time.monotonic()
+        if said == self._presence and now - self._presence_at < every:
+            return
+        write_state(self.state_dir, **said)
+        self._presence, self._presence_at = said, now
 
     # ------------------------------------------------------------ rounds
 
