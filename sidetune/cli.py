@@ -17,7 +17,6 @@ from schemas.errors import ExitCode, MissingExtra, SidetuneError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = ExitCode.OK, ExitCode.FAILED, ExitCode.USAGE
 EXIT_UNAVAILABLE, EXIT_CONFIG = ExitCode.UNAVAILABLE, ExitCode.CONFIG
-CliError = UsageError  # bad flags or files named on the command line
 
 #: The top-level module each extra brings: a command whose extra is missing says which to install.
 _EXTRA_OF = {"torch": "server", "redis": "server", "transformers": "export", "gguf": "export",
@@ -34,7 +33,7 @@ def cmd_schema_vectors(args: argparse.Namespace) -> int:
     try:
         index = write_vectors(Path(args.dir))
     except OSError as e:
-        raise CliError(f"cannot write vectors to {args.dir}: {e.strerror or e}") from None
+        raise UsageError(f"cannot write vectors to {args.dir}: {e.strerror or e}") from None
     for kind, entry in sorted(index.items()):
         print(f"{kind:12s} {entry['topic']:36s} {args.dir}/{entry['file']}")
     print(f"wrote {len(index)} vectors and {args.dir}/index.json")
@@ -47,7 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         manifest = export_backbone(args.model, Path(args.out), quantize=args.quantize)
     except ExportError as e:
-        raise CliError(str(e)) from None
+        raise UsageError(str(e)) from None
     print(f"exported {manifest['source']} → {args.out} (fingerprint {manifest['fingerprint'][:16]}…)")
     return EXIT_OK
 
@@ -59,7 +58,7 @@ def cmd_bench_backbone(args: argparse.Namespace) -> int:
     try:
         run_bench(Path(args.backbone), json_path=Path(args.json) if args.json else None)
     except ExportError as e:
-        raise CliError(str(e)) from None
+        raise UsageError(str(e)) from None
     return EXIT_OK
 
 
@@ -71,12 +70,12 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     from sidetune.demo import default_backbone_dir, default_home
 
     if min(args.train, args.holdout, args.splits, args.epochs) < 1:
-        raise CliError("--train, --holdout, --splits and --epochs must be positive")
+        raise UsageError("--train, --holdout, --splits and --epochs must be positive")
     if args.noise is not None and not 0 <= args.noise <= 10:
-        raise CliError("--noise must be between 0 and 10")
+        raise UsageError("--noise must be between 0 and 10")
     backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
     if not (backbone / "manifest.json").exists():
-        raise CliError(f"{backbone} holds no exported backbone: run `sidetune demo` once, or "
+        raise UsageError(f"{backbone} holds no exported backbone: run `sidetune demo` once, or "
                        f"`sidetune export --model smollm2-135m --out {backbone}`")
     try:
         run_accuracy_bench(backbone, args.task or ["chat", "plain"], train=args.train, holdout=args.holdout,
@@ -85,7 +84,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
                            json_path=Path(args.json) if args.json else None,
                            progress=lambda m: print(f"[bench] {m}", flush=True))
     except (BackboneError, TaskError, DataError, ValueError, OSError) as e:
-        raise CliError(str(e)) from None
+        raise UsageError(str(e)) from None
     return EXIT_OK
 
 
