@@ -41,24 +41,17 @@ def cmd_schema_vectors(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from backbone_export import ExportError, export_backbone
+    from backbone_export import export_backbone
 
-    try:
-        manifest = export_backbone(args.model, Path(args.out), quantize=args.quantize)
-    except ExportError as e:
-        raise UsageError(str(e)) from None
+    manifest = export_backbone(args.model, Path(args.out), quantize=args.quantize)  # ExportError: exit 2
     print(f"exported {manifest['source']} → {args.out} (fingerprint {manifest['fingerprint'][:16]}…)")
     return EXIT_OK
 
 
 def cmd_bench_backbone(args: argparse.Namespace) -> int:
-    from backbone_export import ExportError
     from backbone_export.bench import run_bench
 
-    try:
-        run_bench(Path(args.backbone), json_path=Path(args.json) if args.json else None)
-    except ExportError as e:
-        raise UsageError(str(e)) from None
+    run_bench(Path(args.backbone), json_path=Path(args.json) if args.json else None)  # ExportError: exit 2
     return EXIT_OK
 
 
