@@ -54,6 +54,7 @@ def _agent_version() -> str:
 __version__ = _agent_version()
 
 TRAIN_REQUEST = "train.request"
+EVENT_QUEUE = 256
 
 
 class EdgeAgent:
@@ -66,7 +67,10 @@ class EdgeAgent:
         self.ledger = Ledger(self.state_dir / "state.db")
         self.watchdog = Watchdog()
         self.model.fx.on_batch = self.watchdog.pet
-        self.events: queue.Queue[tuple[Message, int]] = queue.Queue()
+        # Bounded: downlinks are a handful per round plus one progress per epoch. Overflow policy:
+        # the newest is dropped and logged; the round recovers (the job is sent again after
+        # round_timeout of silence and the server answers again), a retained adapter comes back.
+        self.events: queue.Queue[tuple[Message, int]] = queue.Queue(maxsize=EVENT_QUEUE)
         self.stopping = threading.Event()
         self.rounds = Rounds(settings, self.model, self.ledger, self._send, pet=self.watchdog.pet,
                              stopping=self.stopping, on_installed=self._announce_soon)
@@ -135,7 +139,10 @@ class EdgeAgent:
         except WireError as e:
             log.warning("dropped a bad message on %s: %s", item.topic, e)
             return
-        self.events.put((msg, len(item.payload)))
+        try:
+            self.events.put_nowait((msg, len(item.payload)))
+        except queue.Full:
+            log.warning("dropped a %s message: %d downlinks wait already", type(msg).__name__, EVENT_QUEUE)
 
     def _count_up(self, rnd: int | None, nbytes: int) -> None:
         if rnd is not None:

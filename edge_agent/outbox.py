@@ -1,8 +1,7 @@
 """Sends the ledger's outbox in order, deleting each message once the broker acknowledged it.
 
 A bounded window of messages is in flight at a time; acknowledgements are
-read from paho's message handles on this thread (no callback, no lock shared
-with paho's network thread). After a restart every unacknowledged message is
+read from the transport's publications on this thread. After a restart every unacknowledged message is
 sent again; the server's handlers are idempotent, so a duplicate changes nothing.
 """
 
@@ -12,10 +11,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-import paho.mqtt.client as mqtt
-
 from edge_agent.ledger import Ledger
-from schemas.transport import Transport
+from schemas.transport import Publication, Transport, TransportError
 
 log = logging.getLogger("sidetune.edge.outbox")
 
@@ -28,7 +25,7 @@ class OutboxSender:
         self.window = window
         self.on_sent = on_sent  # (round, bytes) once acknowledged
         self._wake = threading.Event()
-        self._inflight: list[tuple[mqtt.MQTTMessageInfo, int, int | None, int]] = []
+        self._inflight: list[tuple[Publication, int, int | None, int]] = []
         self._last_id = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
@@ -48,25 +45,15 @@ class OutboxSender:
     def pending(self) -> int:
         return self.ledger.outbox_size()
 
-    @staticmethod
-    def _acknowledged(info: mqtt.MQTTMessageInfo) -> bool:
-        try:
-            return info.is_published()
-        except RuntimeError:
-            # Published while the socket was already gone (rc NO_CONN): paho keeps the
-            # message and sends it after the reconnect, but is_published() raises for
-            # any rc > 0 even once the PUBACK came; read the flag it would return.
-            return bool(getattr(info, "_published", False))
-
     def _reap(self) -> None:
         still = []
-        for info, row_id, rnd, nbytes in self._inflight:
-            if self._acknowledged(info):
+        for pub, row_id, rnd, nbytes in self._inflight:
+            if pub.acknowledged():
                 self.ledger.outbox_done(row_id)
                 if self.on_sent is not None:
                     self.on_sent(rnd, nbytes)
             else:
-                still.append((info, row_id, rnd, nbytes))
+                still.append((pub, row_id, rnd, nbytes))
         self._inflight = still
 
     def _run(self) -> None:
@@ -76,11 +63,12 @@ class OutboxSender:
                 room = self.window - len(self._inflight)
                 rows = self.ledger.outbox_after(self._last_id, room) if room > 0 and self.transport.connected.is_set() else []
                 for row_id, topic, payload, retain, rnd in rows:
-                    info = self.transport.client.publish(topic, payload, qos=1, retain=retain)
-                    if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                        log.warning("publishing outbox row %d failed (%s); will retry", row_id, mqtt.error_string(info.rc))
+                    try:
+                        pub = self.transport.publish(topic, payload, retain=retain)
+                    except TransportError as e:
+                        log.warning("publishing outbox row %d failed (%s); will retry", row_id, e)
                         break
-                    self._inflight.append((info, row_id, rnd, len(payload)))
+                    self._inflight.append((pub, row_id, rnd, len(payload)))
                     self._last_id = row_id
                 if not rows:
                     self._wake.wait(0.05 if self._inflight else 0.25)

@@ -1,21 +1,59 @@
-"""Logging for the daemons, one way for both: to stdout, levels journald understands.
+"""Logging for the daemons, one way for both: to stdout, levels journald understands,
+and nothing a device sent can forge a line.
 
 stdout carries the log; stderr only the one line an error ends a command with.
 Under systemd (``JOURNAL_STREAM`` set), each line starts with its syslog level as
 ``<N>`` (sd-daemon(3)), so ``journalctl -p warning`` filters it, and journald adds
 the time itself.
+
+Every argument of a log call (``log.info("... %s", value)``) is passed through
+:func:`untrusted` by the formatter: control characters (newlines, escape sequences)
+are escaped and a long value is cut, so a device id, a topic or an error message
+built from a payload cannot start a new line, colour a terminal, or flood the
+journal. The message template itself is code, not data: untrusted values go in
+arguments, never into an f-string.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 import os
 import sys
 
 _SYSLOG = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
+#: Longest rendering of one log argument.
+MAX_ARG_CHARS = 300
 
-class JournaldFormatter(logging.Formatter):
+
+def untrusted(value: object, limit: int = MAX_ARG_CHARS) -> str:
+    """``value`` as one printable line of at most about ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable() and len(text) <= limit:
+        return text
+    out = text[:limit].encode("unicode_escape").decode("ascii")
+    if len(out) > limit:  # escapes lengthen it
+        out = out[:limit]
+    return out + (f"…(+{len(text) - limit} chars)" if len(text) > limit else "")
+
+
+class SafeFormatter(logging.Formatter):
+    """Formats with every argument made :func:`untrusted` (numbers stay numbers for ``%d``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.args, Mapping):
+            record.args = {k: _safe(v) for k, v in record.args.items()}
+        elif record.args:
+            record.args = tuple(_safe(a) for a in record.args)
+        return super().format(record)
+
+
+def _safe(value: object) -> object:
+    return value if isinstance(value, (int, float)) else untrusted(value)
+
+
+class JournaldFormatter(SafeFormatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"<{_SYSLOG.get(record.levelname, 6)}>{super().format(record)}"
 
@@ -25,5 +63,5 @@ def setup_logging(level: str) -> None:
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournaldFormatter("%(name)s %(levelname)s %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        handler.setFormatter(SafeFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])

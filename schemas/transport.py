@@ -1,4 +1,5 @@
-"""The one wrapper around paho-mqtt, used by the board and the server alike.
+"""The one wrapper around paho-mqtt, used by the board and the server alike: no other
+module talks to paho.
 
 paho 2.x still defaults to the old callback API and MQTT 3.1.1; this wraps it
 once with VERSION2 callbacks, MQTT v5, QoS 1, persistent sessions and
@@ -6,6 +7,13 @@ re-subscription on every reconnect. Incoming messages go to ``on_message``
 (called on paho's thread: it must not block). With ``manual_ack`` the caller
 acknowledges a message only once it is safely stored, so a crash makes the
 broker deliver it again instead of losing it.
+
+Bounds. The broker may have at most ``receive_maximum`` QoS 1 messages
+unacknowledged towards us (MQTT v5 flow control, sent in CONNECT): with
+``manual_ack`` that bounds whatever the caller queues between receipt and
+acknowledgement. Outgoing, paho keeps at most 32 messages in flight; a
+:class:`Publication` says when the broker acknowledged one (tracked here from
+PUBACKs, never from paho's private fields).
 """
 
 from __future__ import annotations
@@ -50,6 +58,23 @@ class Incoming:
     duplicate: bool
 
 
+class Publication:
+    """One QoS 1 publish: :meth:`acknowledged` once the broker's PUBACK came (after a
+    reconnect too: paho resends it with the same message id)."""
+
+    __slots__ = ("mid", "_acked")
+
+    def __init__(self, mid: int) -> None:
+        self.mid = mid
+        self._acked = threading.Event()
+
+    def acknowledged(self) -> bool:
+        return self._acked.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._acked.wait(timeout)
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str = "127.0.0.1"
@@ -74,8 +99,8 @@ class Transport:
         will: tuple[str, bytes] | None = None,
         manual_ack: bool = False,
         session_expiry: int = 7 * 24 * 3600,
-        on_published: Callable[[int], None] | None = None,
         on_connected: Callable[[bool], None] | None = None,
+        receive_maximum: int = 64,
     ) -> None:
         self.broker = broker
         self.subscriptions = subscriptions
@@ -83,7 +108,9 @@ class Transport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._on_message = on_message
-        self._on_published = on_published
+        self._pending: dict[int, Publication] = {}  # mid -> publication awaiting its PUBACK
+        self._early: set[int] = set()  # PUBACKs that beat the registration of their publish
+        self._receive_maximum = receive_maximum
         self._on_connected = on_connected  # (first connection?) on paho's thread: must not block
         self._connections = 0
         self._refused: str | None = None
@@ -126,6 +153,7 @@ class Transport:
         where = f"{self.broker.host}:{self.broker.port}"
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
+        props.ReceiveMaximum = self._receive_maximum
         try:
             self.client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False, properties=props)
             self.client.reconnect()
@@ -175,14 +203,23 @@ class Transport:
 
     # ------------------------------------------------------------ operations
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Publication:
+        """Queue a QoS 1 publish. Without a connection paho keeps it and sends it on reconnect
+        (in this process only: what must survive a restart goes through the board's outbox)."""
         info = self.client.publish(topic, payload, qos=QOS, retain=retain)
-        if info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_NO_CONN:
-            # NO_CONN: paho keeps the message and sends it on reconnect.
-            with self._lock:
-                self.bytes_sent += len(payload)
-            return info
-        raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        pub = Publication(info.mid)
+        # Not under a lock across client.publish: paho calls on_publish holding its own
+        # out-message lock, which client.publish takes too.
+        with self._lock:
+            self.bytes_sent += len(payload)
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                pub._acked.set()
+            else:
+                self._pending[info.mid] = pub
+        return pub
 
     def ack(self, mid: int) -> None:
         self.client.ack(mid, QOS)
@@ -221,8 +258,9 @@ class Transport:
             log.exception("message handler failed on %s", msg.topic)
 
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        if self._on_published is not None:
-            try:
-                self._on_published(mid)
-            except Exception:
-                log.exception("publish-ack handler failed")
+        with self._lock:
+            pub = self._pending.pop(mid, None)
+            if pub is None:
+                self._early.add(mid)
+        if pub is not None:
+            pub._acked.set()

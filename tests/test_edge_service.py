@@ -397,3 +397,15 @@ def test_predict_builds_the_model_only(tmp_path, tiny_backbone, capsys):
         assert echoed == text
     state = tmp_path / "state"
     assert (state / "secret.json").exists() and not (state / "state.db").exists()
+
+
+@pytest.mark.edge
+def test_log_arguments_cannot_forge_lines_or_flood(tmp_path):
+    forged = "board-1\n2026-01-01 00:00:00 sidetune.server ERROR worker crashed\x1b[31m"
+    code = ("import logging, sys; from schemas.logs import setup_logging; setup_logging('INFO'); "
+            f"log = logging.getLogger('t'); log.warning('rejected %s from %s (%d)', {forged!r}, 'x' * 5000, 7)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    assert "board-1\\n2026-01-01" in lines[0] and "\\x1b[31m" in lines[0] and "\x1b" not in lines[0]
+    assert lines[0].endswith("…(+4700 chars) (7)") and len(lines[0]) < 800
