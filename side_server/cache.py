@@ -4,17 +4,26 @@ Value layout: ``u8 dtype | u16 states | u16 width | data | scales`` — the
 sample's slice of the wire tensor, stored as received (fp16 or int8), so the
 cache costs what the wire costs. Keys carry a TTL (``volatile-lru`` may evict
 them sooner); a gone key is simply reported missing and the board asked again.
+
+Each device's cached bytes are counted against its quota in the same Lua script
+that writes them (all of a batch or none of it): ``st:usage:{dev}`` field
+``cache_bytes``, with an index of what is charged — ``st:csize:{dev}`` (raw key →
+bytes charged) and ``st:cexp:{dev}`` (raw key → expiry, ms). Entries whose TTL
+has lapsed are given back at the next write; entries Redis evicted early are
+found (and given back) by :meth:`ActivationCache.reconcile`, run when a device
+seems to be over its quota and Redis has evicted something since its last run.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import redis
 
 from schemas.tensors import DType, WireTensor
+from side_server.quotas import CACHE_ENTRY_OVERHEAD
 
 _HEAD = struct.Struct("<BHH")
 _CODES = {"float32": 0, "float16": 1, "int8": 2}
@@ -26,22 +35,115 @@ def act_key(device: str, key: str) -> str:
     return f"st:act:{device}:{key}"
 
 
+_PRUNE = """
+local _t = redis.call('time')
+local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)
+local gone = redis.call('zrangebyscore', KEYS[3], '-inf', now, 'LIMIT', 0, 512)
+local freed = 0
+for _, k in ipairs(gone) do
+  freed = freed + tonumber(redis.call('hget', KEYS[2], k) or '0')
+  redis.call('hdel', KEYS[2], k)
+  redis.call('zrem', KEYS[3], k)
+end
+if freed > 0 then redis.call('hincrby', KEYS[1], 'cache_bytes', -freed) end
+"""
+# Store a batch within the device's cache quota: every entry or none.
+_PUT = "#!lua\n" + _PRUNE + """
+-- KEYS: usage, csize, cexp, entry keys...; ARGV: ttl ms, quota, overhead, raw keys..., values...
+local n = #KEYS - 3
+local overhead = tonumber(ARGV[3])
+local delta = 0
+for i = 1, n do
+  delta = delta + #ARGV[3 + n + i] + overhead - tonumber(redis.call('hget', KEYS[2], ARGV[3 + i]) or '0')
+end
+local used = tonumber(redis.call('hget', KEYS[1], 'cache_bytes') or '0')
+if delta > 0 and used + delta > tonumber(ARGV[2]) then return {0, used} end
+local ttl = tonumber(ARGV[1])
+for i = 1, n do
+  redis.call('set', KEYS[3 + i], ARGV[3 + n + i], 'PX', ttl)
+  redis.call('hset', KEYS[2], ARGV[3 + i], #ARGV[3 + n + i] + overhead)
+  redis.call('zadd', KEYS[3], now + ttl, ARGV[3 + i])
+end
+redis.call('hincrby', KEYS[1], 'cache_bytes', delta)
+return {1, used + delta}
+"""
+_PRUNE_ONLY = "#!lua flags=allow-oom\n" + _PRUNE + "return #gone"
+# Give back what Redis evicted before its TTL: KEYS usage, csize, cexp, entry keys...; ARGV raw keys...
+_RECONCILE = """#!lua flags=allow-oom
+local freed = 0
+for i = 4, #KEYS do
+  if redis.call('exists', KEYS[i]) == 0 then
+    freed = freed + tonumber(redis.call('hget', KEYS[2], ARGV[i - 3]) or '0')
+    redis.call('hdel', KEYS[2], ARGV[i - 3])
+    redis.call('zrem', KEYS[3], ARGV[i - 3])
+  end
+end
+if freed > 0 then redis.call('hincrby', KEYS[1], 'cache_bytes', -freed) end
+return freed
+"""
+
+
+class CacheFull(Exception):
+    """The batch would take the device past its cache quota (nothing was stored)."""
+
+    def __init__(self, used: int, batch: int) -> None:
+        super().__init__(f"{used} bytes cached, the batch needs {batch} more")
+        self.used = used
+        self.batch = batch
+
+
 class ActivationCache:
-    def __init__(self, r: redis.Redis, ttl: int) -> None:
+    def __init__(self, r: redis.Redis, ttl: int, quota: int = 2**62) -> None:
         self.r = r
         self.ttl = ttl
+        self.quota = quota
+        self._put = r.register_script(_PUT)
+        self._prune = r.register_script(_PRUNE_ONLY)
+        self._reconcile = r.register_script(_RECONCILE)
+        self._evicted_seen: dict[str, int] = {}
 
-    def put_batch(self, device: str, keys: tuple[str, ...], states: WireTensor) -> None:
+    @staticmethod
+    def _index(device: str) -> list[str]:
+        return [f"st:usage:{device}", f"st:csize:{device}", f"st:cexp:{device}"]
+
+    def put_batch(self, device: str, keys: tuple[str, ...], states: WireTensor) -> int:
+        """Cache a batch; the device's cached bytes after it. Raises :class:`CacheFull` (nothing
+        stored) past the quota, ``redis.OutOfMemoryError`` when Redis is full."""
         n, s, d = states.shape
         item = _ITEM[states.dtype]
         row = s * d * item
-        pipe = self.r.pipeline(transaction=False)
-        for i, key in enumerate(keys):
+        blobs = []
+        for i in range(len(keys)):
             blob = _HEAD.pack(_CODES[states.dtype], s, d) + states.data[i * row : (i + 1) * row]
             if states.scale is not None:
                 blob += states.scale[i * s * 4 : (i + 1) * s * 4]
-            pipe.set(act_key(device, key), blob, ex=self.ttl)
-        pipe.execute()
+            blobs.append(blob)
+        run_keys = self._index(device) + [act_key(device, k) for k in keys]
+        args: list[Any] = [self.ttl * 1000, self.quota, CACHE_ENTRY_OVERHEAD, *(bytes.fromhex(k) for k in keys), *blobs]
+        for again in (False, True):
+            ok, used = cast(list[int], self._put(keys=run_keys, args=args))
+            if ok:
+                return int(used)
+            if again or not self.reconcile(device):
+                break
+        raise CacheFull(int(used), sum(len(b) for b in blobs) + CACHE_ENTRY_OVERHEAD * len(blobs))
+
+    def reconcile(self, device: str, force: bool = False) -> int:
+        """Give back the device's lapsed entries, and, if Redis evicted anything since this last ran
+        for the device (or ``force``), its evicted ones: bytes given back."""
+        before = self.used(device)
+        while int(self._prune(keys=self._index(device))) == 512:
+            pass
+        evicted = int(cast(dict[str, Any], self.r.info("stats")).get("evicted_keys", 0))
+        if force or self._evicted_seen.get(device) != evicted:
+            self._evicted_seen[device] = evicted
+            for chunk in _chunks(self.r.hscan_iter(f"st:csize:{device}", count=500), 500):
+                raw = [k for k, _ in chunk]
+                self._reconcile(keys=self._index(device) + [act_key(device, k.hex()) for k in raw], args=raw)
+        return max(0, before - self.used(device))
+
+    def used(self, device: str) -> int:
+        return int(cast(bytes | int | None, self.r.hget(f"st:usage:{device}", "cache_bytes")) or 0)
 
     def missing(self, device: str, keys: tuple[str, ...] | list[str]) -> list[str]:
         out: list[str] = []
@@ -71,6 +173,17 @@ class ActivationCache:
         if gone:
             return None, gone
         return np.stack(rows), []
+
+
+def _chunks(it: Any, size: int) -> Any:
+    chunk: list[Any] = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _decode_row(blob: bytes) -> np.ndarray | None:

@@ -6,10 +6,43 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from schemas.settings import FileThenEnv, read_secret
+
+MiB = 1024 * 1024
+
+
+class Quotas(BaseModel):
+    """What one device may make the server spend (DESIGN.md §8). A message over a quota is rejected
+    on the device's ``errors`` topic with the quota's code (side_server/quotas.py) and its name here;
+    nothing of it is stored. The defaults fit a board that tunes on a few thousand samples of a
+    SmolLM2-sized backbone, with room to spare, and let ~6 devices fill their quotas in a 2 GB Redis."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Jobs not finished (waiting, ready, training) per device. A board runs one round at a time;
+    #: the rest is room for jobs it gave up on that the server has not yet closed. code quota_jobs
+    jobs_in_flight: int = Field(default=16, ge=1)
+    #: Samples in one job.                                                  code quota_samples
+    samples_per_job: int = Field(default=20_000, ge=1)
+    #: Bytes of cached activations per device (Redis value + bookkeeping). code quota_cache
+    cache_bytes: int = Field(default=256 * MiB, ge=1)
+    #: Bytes of job records per device: keys, targets, need sets and the checkpoint a job's
+    #: spec implies, summed over its jobs in flight.                       code quota_records
+    record_bytes: int = Field(default=64 * MiB, ge=1)
+    #: Parameters of a job's side network.                                 code quota_sidenet
+    sidenet_params: int = Field(default=20_000_000, ge=1)
+    #: Memory a job's training implies (weights, gradients, AdamW state, best and checkpoint
+    #: copies, the job's tapped states in float32, one batch's activations). code quota_memory
+    train_memory_bytes: int = Field(default=1024 * MiB, ge=1)
+    #: Epochs × samples of one job (the training work it asks for).        code quota_work
+    epoch_samples: int = Field(default=2_000_000, ge=1)
+    #: Messages per second per device (token bucket, refilled at this rate). code quota_rate
+    messages_per_second: float = Field(default=50.0, gt=0)
+    #: The bucket's size: a burst a device may send at once (a job's upload).
+    message_burst: int = Field(default=2000, ge=1)
 
 
 class ServerSettings(FileThenEnv):
@@ -40,6 +73,22 @@ class ServerSettings(FileThenEnv):
     lease_seconds: float = Field(default=30.0, gt=0)
     #: Messages older than this are rejected as replays.
     max_message_age: float = Field(default=7 * 24 * 3600, gt=0)
+    #: Per-device limits (see Quotas).
+    quotas: Quotas = Quotas()
+    #: Fair training: a worker trains a job for this long (seconds, checked after every optimizer
+    #: step), checkpoints it and, if another device's job waits, moves on to the device served
+    #: least recently. A short job waits at most about one slice per job ahead of it.
+    train_slice: float = Field(default=0.5, gt=0)
+    #: A job whose training was cut short this many times (its worker was killed, or training
+    #: raised) is failed and its device told why, instead of being retried forever.
+    max_attempts: int = Field(default=3, ge=1)
+    #: A waiting job whose device has sent nothing for this long (seconds) is closed as abandoned.
+    abandoned_after: float = Field(default=24 * 3600, gt=0)
+    #: Finished, failed and abandoned jobs keep a small record (state, digest, adapter version)
+    #: this long (seconds), so a resent job is answered rather than trained again; then it expires.
+    closed_job_ttl: int = Field(default=7 * 24 * 3600, gt=0)
+    #: Adapters kept per device for warm starts (the newest ones; older ones are deleted).
+    adapters_kept: int = Field(default=3, ge=1)
     torch_threads: int = Field(default=1, ge=1)
     log_level: str = "INFO"
 

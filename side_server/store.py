@@ -1,175 +1,466 @@
-"""Job state in Redis: jobs, the keys each still needs, leases, checkpoints, adapters.
+"""Job state in Redis: the store's own records of jobs, leases, checkpoints, adapters, quotas.
 
-Key space (``dev`` = device id, ``job`` = its job id); none of these expire
-while a job is live, so ``volatile-lru`` never evicts them:
+Key space (``dev`` = device id, ``job`` = its job id). A job's records are split so that an
+activation batch reads only what it needs (the small metadata hash and its keys' membership):
 
-* ``st:job:{dev}:{job}``      hash: payload (the encoded Job), digest, state, version
-* ``st:need:{dev}:{job}``     set: keys the cache still lacks
-* ``st:active``               set of ``dev/job`` not finished (re-announced after a reconnect)
-* ``st:ready``                zset of ``dev/job`` whose activations are all cached
-* ``st:lease:{dev}:{job}``    the training worker's id (PX lease)
+* ``st:job:{dev}:{job}``      hash: state, digest, fingerprint, spec and hyper (JSON), base, n,
+                               charge, version, attempts, reason
+* ``st:keys:{dev}:{job}``     hash: sample key (32 raw bytes) -> its row in the targets
+* ``st:targets:{dev}:{job}``  string: the targets, raw float32 ``(N, K)``
+* ``st:need:{dev}:{job}``     set: keys (hex) the cache still lacks
+* ``st:active``               set of ``dev/job`` not closed (re-announced after a reconnect)
+* ``st:ready``                zset of ``dev/job`` whose activations are all cached (score: when)
+* ``st:service``              hash: device -> ``seconds when``: training time its jobs got,
+                               halved every SERVICE_HALF_LIFE seconds (fair scheduling)
+* ``st:seen``                 zset: device -> when it last sent anything (abandoned jobs)
+* ``st:usage:{dev}``          hash: jobs, job_bytes, cache_bytes (the device's quotas in use)
+* ``st:lease:{dev}:{job}``    ``worker|expiry_ms`` of the training worker (no TTL: never evicted)
 * ``st:ckpt:{dev}:{job}``     safetensors checkpoint (side network + AdamW state)
-* ``st:adapter:{dev}:{ver}``  an adapter's weights (kept for warm starts)
+* ``st:adapter:{dev}:{ver}``  an adapter's weights (the newest few kept for warm starts)
 * ``st:adapter_ver:{dev}``    the device's latest adapter version
 * ``st:status:{dev}``         last status the device sent
+* ``st:rate:{dev}``           the device's token bucket (with a TTL)
+
+No record of a live job carries a TTL, so ``volatile-lru`` never evicts one; a closed job keeps
+its small metadata hash for ``closed_job_ttl`` seconds and loses the rest at once.
+
+Writes that create work (a job, cached activations) are Lua scripts that Redis refuses as a
+whole when it is at ``maxmemory`` (``OutOfMemoryError``: the caller rejects the message);
+writes that keep stored work going (leases, states, checkpoints, closing a job) are scripts
+flagged ``allow-oom``, so a full Redis still finishes the jobs it holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import redis
 
 from schemas.jobs import Job
-from schemas.wire import decode, encode
+from schemas.spec import HyperParams, SideNetSpec
+from schemas.wire import encode
 
-DONE_RETENTION = 7 * 24 * 3600
+CLOSED = ("done", "failed")
+#: A device's training time counts against it in scheduling for about this long (halved each time).
+SERVICE_HALF_LIFE = 600.0
 
-# Create a job in one step: a worker killed half-way must not leave a job without state.
-_CREATE = """
+_NOW_MS = "local _t = redis.call('time'); local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)\n"
+
+# Create a job in one step, within the device's quotas: all of it or nothing.
+_CREATE = """#!lua
+-- KEYS: job, keys, need, targets, active, usage, ready
+-- ARGV: member, max_jobs, max_bytes, charge, n, n_meta, meta pairs..., targets, n raw keys..., missing hex keys...
 if redis.call('hexists', KEYS[1], 'state') == 1 then return 0 end
-redis.call('hset', KEYS[1], 'payload', ARGV[1], 'digest', ARGV[2], 'state', 'waiting', 'created', ARGV[3])
-redis.call('sadd', KEYS[3], ARGV[4])
-for i = 5, #ARGV do redis.call('sadd', KEYS[2], ARGV[i]) end
+local usage = redis.call('hmget', KEYS[6], 'jobs', 'job_bytes')
+if tonumber(usage[1] or '0') >= tonumber(ARGV[2]) then return -1 end
+local charge = tonumber(ARGV[4])
+if tonumber(usage[2] or '0') + charge > tonumber(ARGV[3]) then return -2 end
+redis.call('del', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local i = 7
+for j = 1, tonumber(ARGV[6]) do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
+redis.call('set', KEYS[4], ARGV[i]); i = i + 1
+local n = tonumber(ARGV[5])
+for j = 0, n - 1 do redis.call('hset', KEYS[2], ARGV[i + j], j) end
+i = i + n
+for j = i, #ARGV do redis.call('sadd', KEYS[3], ARGV[j]) end
+redis.call('sadd', KEYS[5], ARGV[1])
+redis.call('hincrby', KEYS[6], 'jobs', 1)
+redis.call('hincrby', KEYS[6], 'job_bytes', charge)
+if i > #ARGV then
+  local t = redis.call('time')
+  redis.call('zadd', KEYS[7], 'NX', t[1], ARGV[1])
+end
 return 1
 """
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end
+# Close a job: keep its small record a while, drop the rest, give its quota back. Idempotent.
+_CLOSE = """#!lua flags=allow-oom
+-- KEYS: job, keys, need, targets, ckpt, lease, active, ready, usage; ARGV: member, state, ttl, reason, only_if
+local st = redis.call('hget', KEYS[1], 'state')
+if not st or st == 'done' or st == 'failed' then return 0 end
+if ARGV[5] ~= '' and st ~= ARGV[5] then return 0 end
+local charge = tonumber(redis.call('hget', KEYS[1], 'charge') or '0')
+redis.call('hset', KEYS[1], 'state', ARGV[2], 'reason', ARGV[4])
+redis.call('expire', KEYS[1], ARGV[3])
+redis.call('del', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('srem', KEYS[7], ARGV[1])
+redis.call('zrem', KEYS[8], ARGV[1])
+redis.call('hincrby', KEYS[9], 'jobs', -1)
+redis.call('hincrby', KEYS[9], 'job_bytes', -charge)
+return 1
 """
-_RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end
+# Take a job's lease; counts an attempt (a worker killed while training never gives it back).
+_LEASE = "#!lua flags=allow-oom\n" + _NOW_MS + """
+-- KEYS: lease, job; ARGV: worker, ms. Returns -1 closed, 0 taken by another, else attempts so far
+local st = redis.call('hget', KEYS[2], 'state')
+if not st or st == 'done' or st == 'failed' then return -1 end
+local v = redis.call('get', KEYS[1])
+if v then
+  local sep = string.find(v, '|', 1, true)
+  if sep and tonumber(string.sub(v, sep + 1)) > now and string.sub(v, 1, sep - 1) ~= ARGV[1] then return 0 end
+end
+redis.call('set', KEYS[1], ARGV[1] .. '|' .. (now + tonumber(ARGV[2])))
+return redis.call('hincrby', KEYS[2], 'attempts', 1)
+"""
+_OWNER = """
+local v = redis.call('get', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then return 0 end
+"""
+_RENEW = "#!lua flags=allow-oom\n" + _NOW_MS + _OWNER + """
+redis.call('set', KEYS[1], ARGV[1] .. '|' .. (now + tonumber(ARGV[2])))
+return 1
+"""
+# Give a lease back; a clean end (ARGV[2] = 1) takes back the attempt the lease counted.
+_RELEASE = "#!lua flags=allow-oom\n" + _OWNER + """
+redis.call('del', KEYS[1])
+if ARGV[2] == '1' and tonumber(redis.call('hget', KEYS[2], 'attempts') or '0') > 0 then
+  redis.call('hincrby', KEYS[2], 'attempts', -1)
+end
+return 1
+"""
+_SAVE_CKPT = "#!lua flags=allow-oom\n" + _OWNER + """
+local st = redis.call('hget', KEYS[2], 'state')
+if not st or st == 'done' or st == 'failed' then return 0 end
+redis.call('set', KEYS[3], ARGV[2])
+return 1
+"""
+_SET_STATE = """#!lua flags=allow-oom
+local st = redis.call('hget', KEYS[1], 'state')
+if not st or st == 'done' or st == 'failed' then return 0 end
+redis.call('hset', KEYS[1], 'state', ARGV[1])
+return 1
+"""
+# Keys received: drop them from the need set; once it is empty the job is ready.
+_RECEIVED = """#!lua flags=allow-oom
+-- KEYS: job, need, ready; ARGV: member, keys...
+local st = redis.call('hget', KEYS[1], 'state')
+if not st or st == 'done' or st == 'failed' then return -1 end
+for i = 2, #ARGV do redis.call('srem', KEYS[2], ARGV[i]) end
+local left = redis.call('scard', KEYS[2])
+if left == 0 and st == 'waiting' then
+  local t = redis.call('time')
+  redis.call('zadd', KEYS[3], 'NX', t[1], ARGV[1])
+end
+return left
+"""
+# Cached samples have gone: the job waits for them again.
+_NEED = """#!lua flags=allow-oom
+-- KEYS: job, need, ready; ARGV: member, keys...
+local st = redis.call('hget', KEYS[1], 'state')
+if not st or st == 'done' or st == 'failed' then return 0 end
+for i = 2, #ARGV do redis.call('sadd', KEYS[2], ARGV[i]) end
+if #ARGV > 1 then
+  redis.call('hset', KEYS[1], 'state', 'waiting')
+  redis.call('zrem', KEYS[3], ARGV[1])
+end
+return 1
+"""
+_SAVE_ADAPTER = """#!lua flags=allow-oom
+-- KEYS: adapter, older adapter to drop
+redis.call('set', KEYS[1], ARGV[1])
+redis.call('del', KEYS[2])
+return 1
+"""
+_VERSION = """#!lua flags=allow-oom
+-- KEYS: job, device's version counter
+local v = redis.call('hget', KEYS[1], 'version')
+if v then return tonumber(v) end
+local new = redis.call('incr', KEYS[2])
+redis.call('hset', KEYS[1], 'version', new)
+return new
+"""
+# One message from a device: its token bucket (and when it was last heard from).
+_RATE = """#!lua flags=allow-oom
+-- KEYS: bucket, seen; ARGV: device, rate per s, burst. Returns {allowed, answer the refusal}
+local t = redis.call('time')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('zadd', KEYS[2], now, ARGV[1])
+local b = redis.call('hmget', KEYS[1], 'tokens', 'ts', 'told')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+local told = tonumber(b[3]) or 0
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local ok, answer = 0, 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  ok = 1
+elseif now - told >= 1 then
+  answer = 1
+  told = now
+end
+redis.call('hset', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now), 'told', tostring(told))
+redis.call('pexpire', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return {ok, answer}
 """
 
 
-@dataclass
+# Add a slice's seconds to a device's decayed training time.
+_CHARGE = """#!lua flags=allow-oom
+-- KEYS: service; ARGV: device, seconds, half life
+local t = redis.call('time')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local v = redis.call('hget', KEYS[1], ARGV[1])
+local s = 0
+if v then
+  local sep = string.find(v, ' ', 1, true)
+  s = tonumber(string.sub(v, 1, sep - 1)) * math.pow(0.5, math.max(0, now - tonumber(string.sub(v, sep + 1))) / tonumber(ARGV[3]))
+end
+redis.call('hset', KEYS[1], ARGV[1], tostring(s + tonumber(ARGV[2])) .. ' ' .. tostring(now))
+return 1
+"""
+
+
+@dataclass(frozen=True)
 class JobRecord:
-    job: Job
+    """What the store keeps of a job (not the wire message)."""
+
+    device: str
+    job_id: str
     state: str
     digest: str
     version: int
+    fingerprint: str
+    spec: SideNetSpec
+    hyper: HyperParams
+    base_version: int
+    samples: int
+    attempts: int
+    reason: str
+
+    @property
+    def closed(self) -> bool:
+        return self.state in CLOSED
+
+
+class QuotaFull(Exception):
+    """A job did not fit: ``which`` is ``jobs`` (too many in flight) or ``bytes`` (records)."""
+
+    def __init__(self, which: str, used: int) -> None:
+        super().__init__(which)
+        self.which = which
+        self.used = used
 
 
 def job_digest(job: Job) -> str:
     """What the job asks for, without the envelope (msg id, time): a resend has the same digest."""
-    import hashlib
-
     _, payload = encode(job.model_copy(update={"msg_id": "0" * 32, "sent_at": 0.0}))
     return hashlib.sha256(payload).hexdigest()
 
 
+def _member(device: str, job_id: str) -> str:
+    return f"{device}/{job_id}"
+
+
+def _k(kind: str, device: str, job_id: str) -> str:
+    return f"st:{kind}:{device}:{job_id}"
+
+
 class JobStore:
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: redis.Redis, closed_ttl: int = 7 * 24 * 3600, adapters_kept: int = 3) -> None:
         self.r = r
+        self.closed_ttl = closed_ttl
+        self.adapters_kept = adapters_kept
         self._create = r.register_script(_CREATE)
-        self._release = r.register_script(_RELEASE)
+        self._close_script = r.register_script(_CLOSE)
+        self._lease = r.register_script(_LEASE)
         self._renew = r.register_script(_RENEW)
+        self._release = r.register_script(_RELEASE)
+        self._save_ckpt = r.register_script(_SAVE_CKPT)
+        self._set_state = r.register_script(_SET_STATE)
+        self._received = r.register_script(_RECEIVED)
+        self._need = r.register_script(_NEED)
+        self._save_adapter = r.register_script(_SAVE_ADAPTER)
+        self._version = r.register_script(_VERSION)
+        self._rate = r.register_script(_RATE)
+        self._charge = r.register_script(_CHARGE)
 
     # ------------------------------------------------------------ jobs
 
-    def create(self, job: Job, missing: list[str]) -> bool:
-        """Store a new job; False if it already existed (then nothing changes)."""
-        _, payload = encode(job)
-        keys = [f"st:job:{job.device_id}:{job.job_id}", f"st:need:{job.device_id}:{job.job_id}", "st:active"]
-        args: list[bytes | str | float] = [payload, job_digest(job), time.time(), f"{job.device_id}/{job.job_id}", *missing]
-        return bool(self._create(keys=keys, args=args))
+    def create(self, job: Job, missing: list[str], charge: int, max_jobs: int, max_bytes: int) -> bool:
+        """Store a new job within its device's quotas; False if it already existed (nothing changes).
+
+        Raises :class:`QuotaFull` (nothing stored) when the device has too many jobs in flight
+        or their records would pass ``max_bytes``; ``redis.OutOfMemoryError`` when Redis is full."""
+        dev, jid = job.device_id, job.job_id
+        meta: dict[str, str | int | float] = {
+            "state": "waiting", "digest": job_digest(job), "created": time.time(),
+            "fingerprint": job.backbone_fingerprint, "spec": job.spec.model_dump_json(),
+            "hyper": job.hyper.model_dump_json(), "base": job.base_adapter_version, "n": len(job.keys),
+            "charge": charge, "attempts": 0,
+        }
+        keys = [_k("job", dev, jid), _k("keys", dev, jid), _k("need", dev, jid), _k("targets", dev, jid),
+                "st:active", f"st:usage:{dev}", "st:ready"]
+        args: list[Any] = [_member(dev, jid), max_jobs, max_bytes, charge, len(job.keys), len(meta)]
+        for name, value in meta.items():
+            args += [name, value]
+        args.append(job.targets.data)  # float32 (N, K), little-endian, as it travelled
+        args += [bytes.fromhex(k) for k in job.keys]
+        args += missing
+        got = int(self._create(keys=keys, args=args))
+        if got < 0:
+            used = self.usage(dev)
+            raise QuotaFull("jobs" if got == -1 else "bytes", used["jobs" if got == -1 else "job_bytes"])
+        return got == 1
+
+    def get(self, device: str, job_id: str) -> JobRecord | None:
+        h = cast(dict[bytes, bytes], self.r.hgetall(_k("job", device, job_id)))
+        if not h or b"state" not in h or b"spec" not in h:
+            return None
+        return JobRecord(
+            device, job_id, h[b"state"].decode(), h.get(b"digest", b"").decode(), int(h.get(b"version", 0)),
+            h[b"fingerprint"].decode(), SideNetSpec.model_validate_json(h[b"spec"]),
+            HyperParams.model_validate_json(h[b"hyper"]), int(h.get(b"base", 0)), int(h[b"n"]),
+            int(h.get(b"attempts", 0)), h.get(b"reason", b"").decode())
+
+    def keys(self, device: str, job_id: str) -> list[str]:
+        """The job's sample keys (hex), in the order of its targets."""
+        h = cast(dict[bytes, bytes], self.r.hgetall(_k("keys", device, job_id)))
+        order = sorted(h.items(), key=lambda kv: int(kv[1]))
+        return [k.hex() for k, _ in order]
+
+    def stray(self, device: str, job_id: str, keys: tuple[str, ...]) -> list[str]:
+        """Those of ``keys`` that are not the job's."""
+        rows = cast(list[bytes | None], self.r.hmget(_k("keys", device, job_id), [bytes.fromhex(k) for k in keys]))
+        return [k for k, row in zip(keys, rows) if row is None]
+
+    def targets(self, device: str, job_id: str, rec: JobRecord) -> np.ndarray | None:
+        blob = cast(bytes | None, self.r.get(_k("targets", device, job_id)))
+        if blob is None or len(blob) != 4 * rec.samples * rec.spec.out_dim:
+            return None
+        return np.frombuffer(blob, "<f4").reshape(rec.samples, rec.spec.out_dim).astype(np.float32)
 
     def active(self) -> list[tuple[str, str]]:
-        """Jobs not finished yet (any state)."""
+        """Jobs not closed yet (any state)."""
         out = []
         for m in cast(set[bytes], self.r.smembers("st:active")):
             dev, _, job = m.decode().partition("/")
             out.append((dev, job))
         return sorted(out)
 
-    def get(self, device: str, job_id: str) -> JobRecord | None:
-        h = cast(dict[bytes, bytes], self.r.hgetall(f"st:job:{device}:{job_id}"))
-        if not h or b"payload" not in h or b"state" not in h:
-            return None
-        job = decode(f"sidetune/v1/{device}/jobs", h[b"payload"])
-        assert isinstance(job, Job)
-        return JobRecord(job, h[b"state"].decode(), h.get(b"digest", b"").decode(), int(h.get(b"version", 0)))
+    def usage(self, device: str) -> dict[str, int]:
+        h = cast(dict[bytes, bytes], self.r.hgetall(f"st:usage:{device}"))
+        return {k: int(h.get(k.encode(), 0)) for k in ("jobs", "job_bytes", "cache_bytes")}
 
     def set_state(self, device: str, job_id: str, state: str) -> None:
-        self.r.hset(f"st:job:{device}:{job_id}", "state", state)
+        self._set_state(keys=[_k("job", device, job_id)], args=[state])
 
     def need(self, device: str, job_id: str, keys: list[str]) -> None:
+        """The job lacks these keys (again): it waits for them."""
         if keys:
-            self.r.sadd(f"st:need:{device}:{job_id}", *keys)
+            self._need(keys=[_k("job", device, job_id), _k("need", device, job_id), "st:ready"],
+                       args=[_member(device, job_id), *keys])
 
-    def received(self, device: str, job_id: str, keys: tuple[str, ...]) -> int:
-        """Drop keys from the job's need set; how many it still needs."""
-        pipe = self.r.pipeline()
-        pipe.srem(f"st:need:{device}:{job_id}", *keys)
-        pipe.scard(f"st:need:{device}:{job_id}")
-        return int(pipe.execute()[1])
-
-    def mark_ready(self, device: str, job_id: str) -> None:
-        self.r.zadd("st:ready", {f"{device}/{job_id}": time.time()}, nx=True)
+    def received(self, device: str, job_id: str, keys: tuple[str, ...] | list[str]) -> int:
+        """Drop keys from the job's need set (the job is ready once it is empty); how many it still needs."""
+        return int(self._received(keys=[_k("job", device, job_id), _k("need", device, job_id), "st:ready"],
+                                  args=[_member(device, job_id), *keys]))
 
     def unready(self, device: str, job_id: str) -> None:
-        self.r.zrem("st:ready", f"{device}/{job_id}")
+        self.r.zrem("st:ready", _member(device, job_id))
 
-    def ready(self) -> list[tuple[str, str]]:
+    def ready(self) -> list[tuple[str, str, float]]:
+        """Jobs whose samples are all cached (being trained or not): device, job, since when."""
         out = []
-        for m in cast(list[bytes], self.r.zrange("st:ready", 0, 50)):
+        for m, score in cast(list[tuple[bytes, float]], self.r.zrange("st:ready", 0, -1, withscores=True)):
             dev, _, job = m.decode().partition("/")
-            out.append((dev, job))
+            out.append((dev, job, score))
         return out
 
     def finish(self, device: str, job_id: str) -> None:
-        self._close(device, job_id, "done")
+        self._close(device, job_id, "done", "")
 
-    def failed_attempt(self, device: str, job_id: str) -> int:
-        return int(self.r.hincrby(f"st:job:{device}:{job_id}", "attempts", 1))
+    def fail(self, device: str, job_id: str, reason: str) -> None:
+        self._close(device, job_id, "failed", reason)
 
-    def fail(self, device: str, job_id: str) -> None:
-        self._close(device, job_id, "failed")
+    def abandon(self, device: str, job_id: str, reason: str) -> bool:
+        """Close a job that still waits for its device's uploads (not one being trained)."""
+        return self._close(device, job_id, "failed", reason, only_if="waiting")
 
-    def _close(self, device: str, job_id: str, state: str) -> None:
-        """End a job: keep its record a while, drop its queue entries, checkpoint and need set."""
-        pipe = self.r.pipeline()
-        pipe.hset(f"st:job:{device}:{job_id}", "state", state)
-        pipe.expire(f"st:job:{device}:{job_id}", DONE_RETENTION)
-        pipe.zrem("st:ready", f"{device}/{job_id}")
-        pipe.srem("st:active", f"{device}/{job_id}")
-        pipe.delete(f"st:ckpt:{device}:{job_id}", f"st:need:{device}:{job_id}")
-        pipe.execute()
+    def _close(self, device: str, job_id: str, state: str, reason: str, only_if: str = "") -> bool:
+        keys = [_k(k, device, job_id) for k in ("job", "keys", "need", "targets", "ckpt", "lease")]
+        keys += ["st:active", "st:ready", f"st:usage:{device}"]
+        return bool(self._close_script(keys=keys, args=[_member(device, job_id), state, self.closed_ttl,
+                                                        reason[:2000], only_if]))
+
+    # ------------------------------------------------------------ devices
+
+    def allow_message(self, device: str, rate: float, burst: int) -> tuple[bool, bool]:
+        """Take a token from the device's bucket: (allowed, whether to answer a refusal)."""
+        ok, answer = cast(list[int], self._rate(keys=[f"st:rate:{device}", "st:seen"], args=[device, rate, burst]))
+        return bool(ok), bool(answer)
+
+    def silent_since(self, devices: list[str]) -> dict[str, float]:
+        """When each device was last heard from (0: never)."""
+        if not devices:
+            return {}
+        scores = cast(list[float | None], self.r.zmscore("st:seen", devices))
+        return {d: float(s or 0.0) for d, s in zip(devices, scores)}
+
+    def service(self, devices: list[str]) -> dict[str, float]:
+        """Each device's recent training time (seconds, decayed by SERVICE_HALF_LIFE)."""
+        if not devices:
+            return {}
+        now = float(self.r.time()[0])
+        out = {}
+        for d, v in zip(devices, cast(list[bytes | None], self.r.hmget("st:service", devices))):
+            s, _, when = (v or b"0 0").decode().partition(" ")
+            out[d] = float(s) * 0.5 ** (max(0.0, now - float(when or 0)) / SERVICE_HALF_LIFE)
+        return out
+
+    def charge_service(self, device: str, seconds: float) -> None:
+        self._charge(keys=["st:service"], args=[device, seconds, SERVICE_HALF_LIFE])
 
     # ------------------------------------------------------------ leases
 
-    def lease(self, device: str, job_id: str, worker: str, seconds: float) -> bool:
-        return bool(self.r.set(f"st:lease:{device}:{job_id}", worker, nx=True, px=int(seconds * 1000)))
+    def lease(self, device: str, job_id: str, worker: str, seconds: float) -> int:
+        """-1: the job is closed; 0: another worker holds it; else the attempts counted so far (this one too)."""
+        return int(self._lease(keys=[_k("lease", device, job_id), _k("job", device, job_id)],
+                               args=[worker, int(seconds * 1000)]))
 
     def renew(self, device: str, job_id: str, worker: str, seconds: float) -> bool:
-        return bool(self._renew(keys=[f"st:lease:{device}:{job_id}"], args=[worker, int(seconds * 1000)]))
+        return bool(self._renew(keys=[_k("lease", device, job_id)], args=[worker, int(seconds * 1000)]))
 
-    def release(self, device: str, job_id: str, worker: str) -> None:
-        self._release(keys=[f"st:lease:{device}:{job_id}"], args=[worker])
+    def release(self, device: str, job_id: str, worker: str, clean: bool = True) -> None:
+        """Give the lease back; ``clean``: the slice ended as planned (the attempt does not count)."""
+        self._release(keys=[_k("lease", device, job_id), _k("job", device, job_id)], args=[worker, int(clean)])
+
+    def leased(self, members: list[tuple[str, str]]) -> list[bool]:
+        """Whether each job's lease is held now."""
+        if not members:
+            return []
+        now = int(self.r.time()[0]) * 1000
+        out = []
+        for v in cast(list[bytes | None], self.r.mget([_k("lease", d, j) for d, j in members])):
+            held = False
+            if v is not None:
+                _, _, exp = v.decode().rpartition("|")
+                held = exp.isdigit() and int(exp) > now
+            out.append(held)
+        return out
 
     # ------------------------------------------------------------ checkpoints and adapters
 
-    def save_checkpoint(self, device: str, job_id: str, blob: bytes) -> None:
-        self.r.set(f"st:ckpt:{device}:{job_id}", blob)
+    def save_checkpoint(self, device: str, job_id: str, worker: str, blob: bytes) -> bool:
+        """Stored only while ``worker`` holds the lease of a job still open."""
+        return bool(self._save_ckpt(keys=[_k("lease", device, job_id), _k("job", device, job_id),
+                                          _k("ckpt", device, job_id)], args=[worker, blob]))
 
     def checkpoint(self, device: str, job_id: str) -> bytes | None:
-        b = cast(bytes | None, self.r.get(f"st:ckpt:{device}:{job_id}"))
+        b = cast(bytes | None, self.r.get(_k("ckpt", device, job_id)))
         return bytes(b) if b is not None else None
 
     def assign_version(self, device: str, job_id: str) -> int:
         """The adapter version of this job: assigned once, the same after a crash and retry."""
-        key = f"st:job:{device}:{job_id}"
-        v = self.r.hget(key, "version")
-        if v is not None:
-            return int(v)
-        new = int(self.r.incr(f"st:adapter_ver:{device}"))
-        if self.r.hsetnx(key, "version", new):
-            return new
-        return int(self.r.hget(key, "version") or new)
+        return int(self._version(keys=[_k("job", device, job_id), f"st:adapter_ver:{device}"]))
 
     def save_adapter(self, device: str, version: int, weights: bytes) -> None:
-        self.r.set(f"st:adapter:{device}:{version}", weights)
+        """Keep the device's newest ``adapters_kept`` adapters (warm starts), drop the one before."""
+        self._save_adapter(keys=[f"st:adapter:{device}:{version}",
+                                 f"st:adapter:{device}:{version - self.adapters_kept}"], args=[weights])
 
     def adapter(self, device: str, version: int) -> bytes | None:
         b = cast(bytes | None, self.r.get(f"st:adapter:{device}:{version}"))
@@ -177,3 +468,4 @@ class JobStore:
 
     def save_status(self, device: str, fields: dict[str, str | int | float]) -> None:
         self.r.hset(f"st:status:{device}", mapping=cast(dict[Any, Any], fields))
+

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,22 +22,22 @@ import torch
 from schemas.activations import ActivationBatch
 from schemas.adapter import AdapterUpdate
 from schemas.base import Message
-from schemas.errors import SidetuneError, WireError
+from schemas.errors import WireError
 from schemas.jobs import CacheReport, Job
 from schemas.progress import Progress
 from schemas.status import DeviceStatus, Rejection
 from schemas.topics import UPLINK_KINDS, Topic, subscription
 from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
 from schemas.wire import decode, encode
-from side_server.cache import ActivationCache
+from side_server.cache import ActivationCache, CacheFull
 from side_server.config import ServerSettings
-from side_server.store import JobRecord, JobStore, job_digest
+from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job, wire_code
+from side_server.store import JobRecord, JobStore, QuotaFull, job_digest
 from side_server.trainer import EpochReport, train
 
 log = logging.getLogger("sidetune.server")
 
-#: A job whose training raises this many times is failed (and the board told why).
-MAX_ATTEMPTS = 3
+__all__ = ["Rejected", "Stats", "Worker"]
 
 
 @dataclass
@@ -46,26 +47,25 @@ class Stats:
     samples_cached: int = 0
     jobs_trained: int = 0
     epochs_trained: int = 0
+    slices: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
 
 
 #: An ingest loop that has not turned for this long is hung (it turns every 0.2 s when idle).
 STALL_SECONDS = 60.0
-
-
-class Rejected(SidetuneError):
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
+#: Jobs whose tapped states a worker keeps in memory between slices (so a job it trains slice
+#: after slice is read from Redis once). Each is bounded by the training-memory quota.
+LOADED_JOBS = 2
 
 
 class Worker:
     def __init__(self, settings: ServerSettings) -> None:
         self.s = settings
+        self.q = settings.quotas
         extra = {} if (pw := settings.redis_password()) is None else {"password": pw}
         self.r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=10, **extra)
-        self.cache = ActivationCache(self.r, settings.activation_ttl)
-        self.store = JobStore(self.r)
+        self.cache = ActivationCache(self.r, settings.activation_ttl, settings.quotas.cache_bytes)
+        self.store = JobStore(self.r, settings.closed_job_ttl, settings.adapters_kept)
         self.stats = Stats()
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         self.stopping = threading.Event()
@@ -82,6 +82,9 @@ class Worker:
         self._reannounce = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ingest_beat = time.monotonic()
+        self._loaded: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._unreleased: tuple[str, str] | None = None
+        self._next_reap = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,7 +148,9 @@ class Worker:
                 try:
                     self.handle(item)
                     break
-                except redis.RedisError as e:  # Redis down: keep the message (unacked) and retry
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    # Redis down or restarting: keep the message (unacked) and try again. Anything
+                    # else Redis answers (a full Redis, an error) is a rejection, never a retry.
                     log.warning("redis unavailable (%s); retrying", e)
                     time.sleep(1.0)
                     self._ingest_beat = time.monotonic()  # waiting for Redis is not a hang
@@ -154,10 +159,13 @@ class Worker:
             self.transport.ack(item.mid)
 
     def handle(self, item: Incoming) -> None:
-        """Handle one incoming message; every rejection is answered, nothing raises."""
+        """Handle one incoming message; every rejection is answered, nothing raises but Redis
+        being unreachable (the caller keeps the message and tries again)."""
         self.stats.received += 1
         msg: Message | None = None
         try:
+            if not self._within_rate(item.topic):
+                return
             msg = decode(item.topic, item.payload)
             if time.time() - msg.sent_at > self.s.max_message_age:
                 raise Rejected("replayed", f"message sent {time.time() - msg.sent_at:.0f} s ago, older than "
@@ -167,29 +175,63 @@ class Worker:
             elif isinstance(msg, ActivationBatch):
                 self.on_activations(msg)
             elif isinstance(msg, DeviceStatus):
-                self.store.save_status(msg.device_id, {"state": msg.state, "agent_version": msg.agent_version,
-                                                       "adapter_version": msg.adapter_version, "at": msg.sent_at})
+                self.on_status(msg)
             else:
                 raise Rejected("invalid", f"a {msg.KIND} message is not for the server")
         except WireError as e:
             self._reject(item.topic, e.msg_id, e.code, str(e))
         except Rejected as e:
             self._reject(item.topic, msg.msg_id if msg else None, e.code, str(e))
+        except redis.OutOfMemoryError:
+            self._reject(item.topic, msg.msg_id if msg else None, SERVER_FULL,
+                         f"{SERVER_FULL}: the server's store is full (Redis at its maxmemory); it refuses new "
+                         "work until memory frees and goes on with the jobs it holds: send again later")
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except redis.RedisError as e:  # an error answer, not an outage: retrying would not help
+            log.exception("redis refused the handling of %s", item.topic[:120])
+            self._reject(item.topic, msg.msg_id if msg else None, "internal", f"the server's store failed: {e}")
 
-    def _reject(self, topic: str, ref: str | None, code: str, reason: str) -> None:
+    def _within_rate(self, topic: str) -> bool:
+        """The device's token bucket; a refusal is answered at most once a second per device."""
+        try:
+            device = Topic.parse(topic).device_id
+        except WireError:
+            return True  # decode rejects it (no device to charge)
+        ok, answer = self.store.allow_message(device, self.q.messages_per_second, self.q.message_burst)
+        if ok:
+            return True
         self.stats.rejected += 1
-        self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
-        log.info("rejected %s: %s (%s)", topic[:120], reason, code)
+        self.stats.by_code["quota_rate"] = self.stats.by_code.get("quota_rate", 0) + 1
+        if answer:
+            reason = str(OverQuota("quota_rate", self.q.messages_per_second,
+                                   f"more than {self.q.message_burst} messages at once; this one was dropped, "
+                                   "and so are the next ones until the rate falls"))
+            self._reject(topic, None, "quota_rate", reason, counted=True)
+        return False
+
+    def _reject(self, topic: str, ref: str | None, code: str, reason: str, counted: bool = False) -> None:
+        if not counted:
+            self.stats.rejected += 1
+            self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
+        log.info("rejected %r: %r (%s)", topic[:120], reason[:300], code)
         try:
             device = Topic.parse(topic).device_id
         except WireError:
             return  # no device to answer
-        self._send(Rejection(device_id=device, ref_topic=topic[:256], ref_msg_id=ref, code=code,  # type: ignore[arg-type]
-                             reason=reason[:2000]))
+        self._send(Rejection(device_id=device, ref_topic=topic[:256], ref_msg_id=ref,
+                             code=wire_code(code), reason=reason[:2000]))  # type: ignore[arg-type]
 
     def _send(self, msg: Message, retain: bool = False) -> None:
         topic, payload = encode(msg)
         self.transport.publish(topic, payload, retain=retain)
+
+    def on_status(self, msg: DeviceStatus) -> None:
+        try:
+            self.store.save_status(msg.device_id, {"state": msg.state, "agent_version": msg.agent_version,
+                                                   "adapter_version": msg.adapter_version, "at": msg.sent_at})
+        except redis.OutOfMemoryError:
+            log.debug("status of %s not stored: redis is full", msg.device_id)
 
     def on_job(self, job: Job) -> None:
         rec = self.store.get(job.device_id, job.job_id)
@@ -198,15 +240,23 @@ class Worker:
                 raise Rejected("invalid", f"job id {job.job_id} was already used for a different job")
             self._answer_again(rec)
             return
+        cost = check_job(self.q, job.spec, job.hyper, len(job.keys))  # before anything is stored or built
         if job.base_adapter_version and self.store.adapter(job.device_id, job.base_adapter_version) is None:
             raise Rejected("invalid", f"base adapter version {job.base_adapter_version} is unknown to the server")
         missing = self.cache.missing(job.device_id, job.keys)
-        if self.store.create(job, missing):
+        try:
+            created = self.store.create(job, missing, cost.records, self.q.jobs_in_flight, self.q.record_bytes)
+        except QuotaFull as e:
+            if e.which == "jobs":
+                raise OverQuota("quota_jobs", self.q.jobs_in_flight,
+                                f"the device has {e.used} jobs in flight; send this one when one finishes") from None
+            raise OverQuota("quota_records", self.q.record_bytes,
+                            f"the device's jobs in flight hold {e.used} bytes of records, this one needs "
+                            f"{cost.records} more") from None
+        if created:
             log.info("job %s/%s: %d samples, %d to upload", job.device_id, job.job_id, len(job.keys), len(missing))
             self._send(CacheReport(device_id=job.device_id, job_id=job.job_id, total=len(job.keys),
                                    missing=tuple(missing)))
-            if not missing:
-                self.store.mark_ready(job.device_id, job.job_id)
         else:  # a twin delivery won the race
             rec = self.store.get(job.device_id, job.job_id)
             if rec is not None:
@@ -214,72 +264,72 @@ class Worker:
 
     def _answer_again(self, rec: JobRecord) -> None:
         """A resent job: say again what is missing (or that it is done); change nothing."""
-        job = rec.job
+        dev, jid, n = rec.device, rec.job_id, rec.samples
         if rec.state == "failed":
-            self._send(Progress(device_id=job.device_id, job_id=job.job_id, state="failed",
-                                detail="this job failed on the server; send a new job"))
+            self._send(Progress(device_id=dev, job_id=jid, state="failed",
+                                detail=f"this job failed on the server ({rec.reason or 'see its log'}); "
+                                       "send a new job"[:2000]))
             return
         if rec.state == "done":
-            self._send(Progress(device_id=job.device_id, job_id=job.job_id, state="done", epoch=job.hyper.epochs,
-                                epochs=job.hyper.epochs, samples_cached=len(job.keys), samples_total=len(job.keys),
+            self._send(Progress(device_id=dev, job_id=jid, state="done", epoch=rec.hyper.epochs,
+                                epochs=rec.hyper.epochs, samples_cached=n, samples_total=n,
                                 detail=f"adapter version {rec.version} published"))
             return
-        missing = self.cache.missing(job.device_id, job.keys)
-        self.store.need(job.device_id, job.job_id, missing)
-        self._send(CacheReport(device_id=job.device_id, job_id=job.job_id, total=len(job.keys),
-                               missing=tuple(missing)))
+        keys = self.store.keys(dev, jid)
+        missing = self.cache.missing(dev, keys)
+        self.store.need(dev, jid, missing)
+        self._send(CacheReport(device_id=dev, job_id=jid, total=n, missing=tuple(missing)))
         if not missing and rec.state == "waiting":
             # everything is cached, though a worker may have died before counting the last batch:
-            # clear the need set and mark the job ready (both idempotent)
-            self.store.received(job.device_id, job.job_id, job.keys)
-            self.store.mark_ready(job.device_id, job.job_id)
+            # clear the need set, which marks the job ready (both idempotent)
+            self.store.received(dev, jid, keys)
 
     def on_activations(self, batch: ActivationBatch) -> None:
-        rec = self.store.get(batch.device_id, batch.job_id)
+        dev, jid = batch.device_id, batch.job_id
+        rec = self.store.get(dev, jid)
         if rec is None:
-            raise Rejected("unknown_job", f"no job {batch.job_id} for device {batch.device_id}")
-        job = rec.job
-        if batch.backbone_fingerprint != job.backbone_fingerprint:
+            raise Rejected("unknown_job", f"no job {jid} for device {dev}")
+        if rec.closed:
+            log.debug("activations for closed job %s/%s ignored", dev, jid)
+            return  # a late resend: the job needs nothing more, its samples' TTLs are left alone
+        if batch.backbone_fingerprint != rec.fingerprint:
             raise Rejected("spec_mismatch", "activations come from another backbone than the job's")
-        want = (job.spec.num_states, job.spec.width)
+        want = (rec.spec.num_states, rec.spec.width)
         if tuple(batch.states.shape[1:]) != want:
             raise Rejected("spec_mismatch", f"states have shape {list(batch.states.shape[1:])} per sample, "
                                             f"the job's spec needs {list(want)}")
-        stray = set(batch.keys) - set(job.keys)
+        stray = self.store.stray(dev, jid, batch.keys)
         if stray:
-            raise Rejected("invalid", f"{len(stray)} keys of this batch are not in job {job.job_id}")
-        self.cache.put_batch(batch.device_id, batch.keys, batch.states)
+            raise Rejected("invalid", f"{len(stray)} keys of this batch are not in job {jid}")
+        try:
+            self.cache.put_batch(dev, batch.keys, batch.states)
+        except CacheFull as e:
+            raise OverQuota("quota_cache", self.q.cache_bytes,
+                            f"the device has {e.used} bytes of activations cached, this batch needs {e.batch} more; "
+                            "nothing of it was stored") from None
         self.stats.samples_cached += len(batch.keys)
-        if rec.state in ("done", "failed"):
-            return
-        left = self.store.received(batch.device_id, batch.job_id, batch.keys)
-        self._send(Progress(device_id=job.device_id, job_id=job.job_id, state="waiting",
-                            samples_cached=len(job.keys) - left, samples_total=len(job.keys),
-                            epochs=job.hyper.epochs))
-        if left == 0:
-            self.store.mark_ready(batch.device_id, batch.job_id)
+        left = self.store.received(dev, jid, batch.keys)
+        if left < 0:
+            return  # closed meanwhile
+        self._send(Progress(device_id=dev, job_id=jid, state="waiting", samples_cached=rec.samples - left,
+                            samples_total=rec.samples, epochs=rec.hyper.epochs))
 
     # ------------------------------------------------------------ training
 
     def _train_loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                picked = None
-                for dev, job_id in self.store.ready():
-                    if self.store.lease(dev, job_id, self.s.worker_id, self.s.lease_seconds):
-                        picked = (dev, job_id)
-                        break
+                if self._unreleased is not None:  # a slice ended while Redis was away
+                    self.store.release(*self._unreleased, self.s.worker_id, clean=True)
+                    self._unreleased = None
+                if time.monotonic() >= self._next_reap:
+                    self._next_reap = time.monotonic() + min(60.0, self.s.abandoned_after / 4)
+                    self.reap()
+                picked = self._pick()
                 if picked is None:
                     time.sleep(0.2)
                     continue
-                try:
-                    self.run_job(*picked)
-                except (redis.RedisError, TransportError):
-                    raise
-                except Exception as e:  # a job that cannot train must not spin forever
-                    self._job_error(picked[0], picked[1], e)
-                finally:
-                    self.store.release(picked[0], picked[1], self.s.worker_id)
+                self._run_leased(*picked)
             except (redis.RedisError, TransportError) as e:
                 log.warning("redis unavailable in the training loop (%s); retrying", e)
                 time.sleep(1.0)
@@ -287,54 +337,166 @@ class Worker:
                 log.exception("training loop error")
                 time.sleep(1.0)
 
-    def _job_error(self, device: str, job_id: str, error: Exception) -> None:
-        attempts = self.store.failed_attempt(device, job_id)
-        log.exception("job %s/%s failed (attempt %d of %d)", device, job_id, attempts, MAX_ATTEMPTS)
-        if attempts >= MAX_ATTEMPTS:
-            self.store.fail(device, job_id)
-            self._send(Progress(device_id=device, job_id=job_id, state="failed",
-                                detail=f"training failed {attempts} times: {type(error).__name__}: {error}"[:2000]))
+    def _pick(self) -> tuple[str, str, int] | None:
+        """The next job to train a slice of: the device whose jobs got the least training time
+        lately first (least attained service: a short job waits at most about one slice behind a
+        long one, and a long one still gets every slice nobody else wants), then its oldest
+        ready job. Takes its lease (counting an attempt)."""
+        ready = self.store.ready()
+        if not ready:
+            return None
+        held = self.store.leased([(d, j) for d, j, _ in ready])
+        free = [x for x, h in zip(ready, held) if not h]
+        service = self.store.service(sorted({d for d, _, _ in free}))
+        for dev, jid, _ in sorted(free, key=lambda x: (service.get(x[0], 0.0), x[2])):
+            attempts = self.store.lease(dev, jid, self.s.worker_id, self.s.lease_seconds)
+            if attempts < 0:
+                self.store.unready(dev, jid)  # closed meanwhile
+            elif attempts > 0:
+                return dev, jid, attempts
+        return None
 
-    def run_job(self, device: str, job_id: str) -> None:
+    def _run_leased(self, device: str, job_id: str, attempts: int) -> None:
+        clean = False
+        try:
+            if attempts > self.s.max_attempts:
+                self._give_up(device, job_id, f"training was cut short {attempts - 1} times (a worker was killed "
+                                              "or ran out of memory while training it)")
+                return
+            self.stats.slices += 1
+            t0 = time.monotonic()
+            try:
+                self.run_slice(device, job_id)
+            finally:
+                self.store.charge_service(device, time.monotonic() - t0)
+            clean = True
+        except (redis.RedisError, TransportError):
+            self._unreleased = (device, job_id)  # not the job's fault: given back (clean) once Redis answers
+            raise
+        except Exception as e:  # a job that cannot train must not spin forever
+            log.exception("job %s/%s failed (attempt %d of %d)", device, job_id, attempts, self.s.max_attempts)
+            if attempts >= self.s.max_attempts:
+                self._give_up(device, job_id, f"training failed {attempts} times: {type(e).__name__}: {e}")
+        finally:
+            if self._unreleased != (device, job_id):
+                self.store.release(device, job_id, self.s.worker_id, clean=clean)
+
+    def _give_up(self, device: str, job_id: str, reason: str) -> None:
+        log.warning("job %s/%s failed: %s", device, job_id, reason)
+        self._loaded.pop((device, job_id), None)
+        self.store.fail(device, job_id, reason)
+        self._send(Progress(device_id=device, job_id=job_id, state="failed", detail=reason[:2000]))
+
+    def reap(self) -> None:
+        """Close the waiting jobs of devices silent for ``abandoned_after`` seconds."""
+        active = self.store.active()
+        if not active:
+            return
+        now = float(self.r.time()[0])
+        seen = self.store.silent_since(sorted({d for d, _ in active}))
+        for dev, jid in active:
+            silent = now - seen.get(dev, 0.0)
+            if silent < self.s.abandoned_after:
+                continue
+            reason = f"abandoned: nothing heard from the device for {silent:.0f} s while the job waited for its uploads"
+            if self.store.abandon(dev, jid, reason):
+                log.info("job %s/%s %s", dev, jid, reason)
+                self._send(Progress(device_id=dev, job_id=jid, state="failed", detail=reason))
+
+    def _others_waiting(self, device: str, job_id: str, running: float) -> bool:
+        """Whether another ready job waits for a worker whose device is owed a turn: it got less
+        training time lately than this device with this slice's ``running`` seconds."""
+        others = [(d, j) for d, j, _ in self.store.ready() if (d, j) != (device, job_id)]
+        free = [d for (d, _), held in zip(others, self.store.leased(others)) if not held]
+        if not free:
+            return False
+        service = self.store.service(sorted({*free, device}))
+        return min(service[d] for d in free) <= service[device] + running
+
+    def _training_data(self, device: str, job_id: str, rec: JobRecord) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                                              list[str], list[str]]:
+        """(states, targets, keys, gone): from this worker's memory if it trained the job last."""
+        keys = self.store.keys(device, job_id)
+        got = self._loaded.get((device, job_id))
+        if got is not None and len(got[0]) == len(keys):
+            self._loaded.move_to_end((device, job_id))
+            return got[0], got[1], keys, []
+        states, gone = self.cache.get_many(device, keys, rec.spec.taps)
+        targets = self.store.targets(device, job_id, rec)
+        if states is not None and targets is not None:
+            self._loaded[(device, job_id)] = (states, targets)
+            while len(self._loaded) > LOADED_JOBS:
+                self._loaded.popitem(last=False)
+        return states, targets, keys, gone
+
+    def run_slice(self, device: str, job_id: str) -> None:
+        """Train the job for one slice (``train_slice`` seconds, longer if nothing else waits);
+        publish its adapter if that was its last."""
         rec = self.store.get(device, job_id)
-        if rec is None or rec.state in ("done", "failed"):
+        if rec is None or rec.closed:
             self.store.unready(device, job_id)
             return
-        job = rec.job
-        states, gone = self.cache.get_many(device, job.keys, job.spec.taps)
+        states, targets, keys, gone = self._training_data(device, job_id, rec)
         if states is None:  # evicted or expired since: ask the board again
             log.info("job %s/%s: %d cached samples are gone; asking again", device, job_id, len(gone))
-            self.store.unready(device, job_id)
             self.store.need(device, job_id, gone)
-            self.store.set_state(device, job_id, "waiting")
-            self._send(CacheReport(device_id=device, job_id=job_id, total=len(job.keys), missing=tuple(gone)))
+            self._send(CacheReport(device_id=device, job_id=job_id, total=rec.samples, missing=tuple(gone)))
+            return
+        if targets is None:
+            self._give_up(device, job_id, "the job's records are damaged (targets missing); send it again")
             return
         self.store.set_state(device, job_id, "training")
-        targets = job.targets.to_array()
-        init = self.store.adapter(device, job.base_adapter_version) if job.base_adapter_version else None
+        init = self.store.adapter(device, rec.base_version) if rec.base_version else None
         ckpt = self.store.checkpoint(device, job_id)
         t0 = time.perf_counter()
+        epochs = rec.hyper.epochs
+        started = time.monotonic()
+        slice_end = started + self.s.train_slice
+        stopped = False
+
+        def keep_going() -> bool:
+            nonlocal slice_end
+            if self.stopping.is_set():
+                return False
+            if time.monotonic() < slice_end:
+                return True
+            if self._others_waiting(device, job_id, time.monotonic() - started):
+                return False  # fair share: another job's turn
+            slice_end = time.monotonic() + self.s.train_slice
+            return self.store.renew(device, job_id, self.s.worker_id, self.s.lease_seconds)
+
+        def should_pause() -> bool:
+            return not keep_going()
+
+        def on_pause(blob: bytes) -> None:
+            nonlocal stopped
+            stopped = True
+            self.store.save_checkpoint(device, job_id, self.s.worker_id, blob)
 
         def on_epoch(rep: EpochReport, blob: bytes) -> bool:
+            nonlocal stopped
             self.stats.epochs_trained += 1
             if self.stopping.is_set() or not self.store.renew(device, job_id, self.s.worker_id, self.s.lease_seconds):
+                stopped = True
                 return False
-            self.store.save_checkpoint(device, job_id, blob)
-            self._send(Progress(device_id=device, job_id=job_id, state="training", epoch=rep.epoch,
-                                epochs=job.hyper.epochs, train_loss=rep.train_loss, val_loss=rep.val_loss,
-                                samples_cached=len(job.keys), samples_total=len(job.keys)))
+            self.store.save_checkpoint(device, job_id, self.s.worker_id, blob)
+            self._send(Progress(device_id=device, job_id=job_id, state="training", epoch=rep.epoch, epochs=epochs,
+                                train_loss=rep.train_loss, val_loss=rep.val_loss, samples_cached=rec.samples,
+                                samples_total=rec.samples))
+            if rep.epoch < epochs and not keep_going():
+                stopped = True
+                return False
             return True
 
-        net, reports = train(job.spec, job.hyper, states, targets, init_weights=init, checkpoint=ckpt,
-                             on_epoch=on_epoch)
-        last = reports[-1].epoch if reports else (job.hyper.epochs if ckpt else 0)
-        if last < job.hyper.epochs:
-            log.info("job %s/%s paused at epoch %d (lease lost or stopping)", device, job_id, last)
+        net, reports = train(rec.spec, rec.hyper, states, targets, init_weights=init, checkpoint=ckpt,
+                             on_epoch=on_epoch, should_pause=should_pause, on_pause=on_pause)
+        if stopped:
+            log.debug("job %s/%s paused (its slice ended, the lease was lost or the worker stops)", device, job_id)
             return
         version = self.store.assign_version(device, job_id)
         weights = net.to_weights()
         self.store.save_adapter(device, version, weights)
-        metrics: dict[str, float] = {"train_seconds": time.perf_counter() - t0, "samples": float(len(job.keys))}
+        metrics: dict[str, float] = {"train_seconds": time.perf_counter() - t0, "samples": float(rec.samples)}
         if reports:
             metrics["train_loss"] = reports[-1].train_loss
             if reports[-1].val_loss is not None:
@@ -342,13 +504,14 @@ class Worker:
         gates = net.gates()
         if gates:
             metrics["mean_gate"] = float(np.mean(gates))
-        self._send(AdapterUpdate(device_id=device, job_id=job_id, version=version,
-                                 base_version=job.base_adapter_version, backbone_fingerprint=job.backbone_fingerprint,
-                                 spec=job.spec, weights=weights, metrics=metrics), retain=True)
+        self._send(AdapterUpdate(device_id=device, job_id=job_id, version=version, base_version=rec.base_version,
+                                 backbone_fingerprint=rec.fingerprint, spec=rec.spec, weights=weights,
+                                 metrics=metrics), retain=True)
         self.store.finish(device, job_id)
+        self._loaded.pop((device, job_id), None)
         self.stats.jobs_trained += 1
-        self._send(Progress(device_id=device, job_id=job_id, state="done", epoch=job.hyper.epochs,
-                            epochs=job.hyper.epochs, train_loss=metrics.get("train_loss"),
-                            val_loss=metrics.get("val_loss"), samples_cached=len(job.keys),
-                            samples_total=len(job.keys), detail=f"adapter version {version} published"))
-        log.info("job %s/%s done: adapter v%d in %.1f s", device, job_id, version, metrics["train_seconds"])
+        self._send(Progress(device_id=device, job_id=job_id, state="done", epoch=epochs, epochs=epochs,
+                            train_loss=metrics.get("train_loss"), val_loss=metrics.get("val_loss"),
+                            samples_cached=rec.samples, samples_total=rec.samples,
+                            detail=f"adapter version {version} published"))
+        log.info("job %s/%s done: adapter v%d", device, job_id, version)

@@ -39,11 +39,11 @@ def fresh_envelope(msg: Message) -> bytes:
 
 
 def job_state(r: redis.Redis, device: str) -> dict[str, object]:
-    """Everything the store keeps about a device's jobs (not its cache)."""
+    """Everything the store keeps about a device's jobs (not its cache, nor its message rate bucket)."""
     out: dict[str, object] = {}
     for key in sorted(r.scan_iter(match=f"st:*{device}*")):
         name = key.decode()
-        if name.startswith("st:act:"):
+        if name.startswith(("st:act:", "st:rate:")):
             continue
         kind = r.type(key).decode()
         out[name] = {"hash": r.hgetall, "set": r.smembers, "string": r.get, "zset": lambda k: r.zrange(k, 0, -1)}[kind](key)
