@@ -110,7 +110,19 @@ if [ -f "$ROOT/etc/redis/redis.conf" ]; then
     || echo "include /etc/redis/sidetune.conf" >> "$ROOT/etc/redis/redis.conf"
 fi
 # the side server
-[ -f "$ROOT/etc/sidetune/server.toml" ] || install -m 0644 "$BROKER/server.toml" "$ROOT/etc/sidetune/server.toml"
+SERVER_TOML=$ROOT/etc/sidetune/server.toml
+[ -f "$SERVER_TOML" ] || install -m 0644 "$BROKER/server.toml" "$SERVER_TOML"
+# An installed server.toml from before the secret share group: mosquitto lets any account join a
+# $share group it can name, so the workers' group must be the broker folder's generated one.
+if ! grep -q '^[[:space:]]*share_group[[:space:]]*=' "$SERVER_TOML"; then
+  { echo "# added by install-server.sh: the workers' secret share group (from $BROKER/server.toml)"
+    grep '^share_group = ' "$BROKER/server.toml"
+    cat "$SERVER_TOML"; } > "$SERVER_TOML.new" && mv "$SERVER_TOML.new" "$SERVER_TOML"
+  echo "install-server.sh: $SERVER_TOML: added the secret share_group of $BROKER/server.toml"
+elif grep -q '^[[:space:]]*share_group[[:space:]]*=[[:space:]]*"workers"' "$SERVER_TOML"; then
+  echo "install-server.sh: warning: $SERVER_TOML uses the share group \"workers\": any board can join it and take" \
+       "a share of every board's uplinks; use the secret one of $BROKER/server.toml" >&2
+fi
 install -D -m 0644 "$SRC/deploy/sidetune-server@.service" "$ROOT/etc/systemd/system/sidetune-server@.service"
 
 if [ -n "$ROOT" ]; then

@@ -60,7 +60,11 @@ class ServerSettings(FileThenEnv):
     #: Redis's ``requirepass`` (from `sidetune broker init`): systemd's credential ``redis-password``
     #: when the unit gives one, else this file, else whatever ``redis_url`` carries.
     redis_password_file: Path | None = None
-    #: Workers with the same group share the uplinks ($share/<group>/...).
+    #: Workers with the same group share the uplinks ($share/<group>/...). Keep it SECRET:
+    #: mosquitto 2.0.11 lets any account subscribe to any $share/... filter, and a device in
+    #: this group takes its round-robin share of every device's uplinks (which the broker then
+    #: drops). `sidetune broker init` writes a generated one (w-<32 hex>) into server.toml; the
+    #: default "workers" is for a broker no untrusted device can reach.
     share_group: str = "workers"
     #: Stable across restarts (the MQTT session, and the messages queued for it, belong to it).
     #: Two workers on one host need distinct ids (the systemd unit uses host-instance).

@@ -67,6 +67,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     plain = f"plaintext on 127.0.0.1:{params.plain_port}" if params.plain_port else "no plaintext listener"
+    if not params.plain_port:
+        print("sidetune: warning: no plaintext listener: the side server connects over TLS, where the broker makes "
+              "the client id the user name, so run ONE server worker (a second would take the first's session)",
+              file=sys.stderr)
     print(f"broker: TLS on {params.bind}:{params.tls_port} for {', '.join(hostnames) or 'localhost'}; {plain}; "
           f"Redis on 127.0.0.1:{params.redis_port} with a password")
     print(f"""next steps:

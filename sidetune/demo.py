@@ -97,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> int:
         server_conf.write_text(
             f'broker_port = {broker.port}\nbroker_username = "{SERVER_USER}"\n'
             f'broker_password = "{accounts[SERVER_USER]}"\nredis_url = "{cache.url}"\n'
-            f'worker_id = "demo-worker-1"\ntorch_threads = 1\n')
+            f'worker_id = "demo-worker-1"\ntorch_threads = 1\nshare_group = "w-{secrets.token_hex(16)}"\n')
         procs.append(_spawn(["server", "--config", str(server_conf)], work / "server.log"))
         (work / "task.toml").write_text(TASK)
         states = {}

@@ -27,6 +27,9 @@ from pathlib import Path
 from schemas.errors import SidetuneError
 
 SERVER_USER = "sidetune-server"
+#: The server's MQTT client ids are ``sidetune-server-<worker_id>``: no device id may start so
+#: (on the TLS listener a board's client id is its device id).
+SERVER_CLIENT_ID_PREFIX = "sidetune-server"
 
 
 def broker_config_dir() -> Path:
@@ -164,6 +167,15 @@ def new_password() -> str:
         pw = secrets.token_urlsafe(24)
         if pw[0].isalnum():
             return pw
+
+
+def new_share_group() -> str:
+    """A secret name for the server's shared subscription (``$share/<name>/...``).
+
+    mosquitto 2.0.11 lets any account subscribe to any ``$share/...`` filter (its ACL file
+    checks no subscription), and a member of the server's group takes its round-robin share
+    of every device's uplinks; a group name a device cannot guess keeps it out."""
+    return "w-" + secrets.token_hex(16)
 
 
 def set_passwords(passwd: Path, accounts: dict[str, str]) -> None:

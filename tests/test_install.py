@@ -99,6 +99,17 @@ def test_install_server_then_board_and_connect_over_tls(root, start):  # noqa: F
     before = {n: (broker / n).read_bytes() for n in ("ca.crt", "passwd", "server.password")}
     out = run_script("install-server.sh", "--root", str(srv_root), "--venv", str(VENV), ".").stdout
     assert "wrote" in out and before == {n: (broker / n).read_bytes() for n in before}
+    # ... and gives an installed server.toml from before the secret share group the broker's one
+    from schemas.settings import load_settings
+    from side_server.config import ServerSettings
+
+    installed = srv_root / "etc/sidetune/server.toml"
+    group = load_settings(ServerSettings, broker / "server.toml").share_group
+    assert load_settings(ServerSettings, installed).share_group == group
+    installed.write_text("".join(line for line in installed.read_text().splitlines(keepends=True)
+                                 if not line.startswith("share_group")))
+    out = run_script("install-server.sh", "--root", str(srv_root), "--venv", str(VENV), ".").stdout
+    assert "added the secret share_group" in out and load_settings(ServerSettings, installed).share_group == group
     run_script("install-board.sh", "--root", str(board_root), "--venv", str(VENV), ".")
 
     # standalone: mosquitto -c /etc/sidetune/broker/mosquitto.conf

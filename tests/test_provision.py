@@ -10,6 +10,7 @@ edge.password).
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import pwd
 import re
@@ -238,6 +239,9 @@ def test_init_writes_a_standalone_broker_a_board_connects_to_over_tls(tmp_path, 
     assert (srv.broker_host, srv.broker_port, srv.broker_ca_file) == ("127.0.0.1", ports["plain"], None)
     assert login(srv.broker_port, srv.broker_username, srv.broker_password_value(), host=srv.broker_host,
                  publish="sidetune/v1/board-1/progress") == OK
+    # its share group is a generated secret (tests/test_hostile_broker.py: why), kept in broker.json
+    assert re.fullmatch(r"w-[0-9a-f]{32}", srv.share_group)
+    assert json.loads((d / "broker.json").read_text())["share_group"] == srv.share_group
 
 
 def test_plaintext_listens_on_loopback_only_and_can_be_off(tmp_path, start):
@@ -250,11 +254,14 @@ def test_plaintext_listens_on_loopback_only_and_can_be_off(tmp_path, start):
             port, bind = block.split("\n")[0].split()[1:]
             assert "cafile " in block or bind == "127.0.0.1", block
         assert "require_certificate false" in blocks[0] and "tls_version tlsv1.2" in blocks[0]
+        # the boards' listener binds the client id to the account; the server's keeps its workers' ids
+        assert "\nuse_username_as_clientid true\n" in blocks[0] and "use_username_as_clientid" not in blocks[1]
 
     # --plain-port 0: TLS only, and the side server is pointed at it with the CA
     d0 = tmp_path / "tls-only"
     ports = init_broker(d0, "--plain-port", "0")
     assert ports  # (the plain port chosen is overridden by 0)
+    assert "ONE worker only" in (d0 / "server.toml").read_text()
     text = (d0 / "mosquitto.conf").read_text()
     assert len(re.findall(r"^listener ", text, flags=re.M)) == 1
     from schemas.settings import load_settings
@@ -295,6 +302,17 @@ def test_secrets_are_0600_and_the_certificate_names_every_host(tmp_path):
     assert sidetune("broker", "refresh", "--dir", str(d)) == 0
     assert "listener 8883" in (d / "mosquitto.conf").read_text()
     assert before == {n: (d / n).read_bytes() for n in before}
+    # ... and the share group; a folder from before the secret share group gets one
+    group = json.loads((d / "broker.json").read_text())["share_group"]
+    assert f'share_group = "{group}"' in (d / "server.toml").read_text()
+    old = json.loads((d / "broker.json").read_text())
+    del old["share_group"]
+    (d / "broker.json").write_text(json.dumps(old))
+    assert sidetune("broker", "refresh", "--dir", str(d)) == 0
+    new_group = json.loads((d / "broker.json").read_text())["share_group"]
+    assert new_group != group and re.fullmatch(r"w-[0-9a-f]{32}", new_group)
+    assert sidetune("broker", "refresh", "--dir", str(d)) == 0
+    assert f'share_group = "{new_group}"' in (d / "server.toml").read_text()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership for the broker's user needs root")
@@ -431,6 +449,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert "bad device id" in _one_line_error(capsys, "broker", "add-device", "../etc", "--dir", str(d))
     assert "server" in _one_line_error(capsys, "broker", "add-device", "sidetune-server", "--dir", str(d))
+    # a board's client id is its device id: the server workers' ids (sidetune-server-<worker>) are reserved
+    for reserved in ("sidetune-server-host-1", "Sidetune-Server-x", "sidetune-serverless"):
+        assert "side server's" in _one_line_error(capsys, "broker", "add-device", reserved, "--dir", str(d))
     assert "not a broker folder" in _one_line_error(capsys, "broker", "add-device", "b1", "--dir", str(tmp_path / "nope"))
     assert "not a broker folder" in _one_line_error(capsys, "broker", "remove-device", "b1", "--dir", str(tmp_path))
     assert "no device" in _one_line_error(capsys, "broker", "remove-device", "b1", "--dir", str(d))
