@@ -31,6 +31,7 @@ from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
 from schemas.wire import decode, encode
 from side_server.cache import ActivationCache, CacheFull
 from side_server.config import ServerSettings
+from side_server.inbox import FairInbox
 from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job, wire_code
 from side_server.store import JobRecord, JobStore, QuotaFull, job_digest
 from side_server.trainer import EpochReport, train
@@ -67,7 +68,7 @@ class Worker:
         self.cache = ActivationCache(self.r, settings.activation_ttl, settings.quotas.cache_bytes)
         self.store = JobStore(self.r, settings.closed_job_ttl, settings.adapters_kept)
         self.stats = Stats()
-        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.inbox = FairInbox()  # round robin by device: one device's burst does not hold back the others
         self.stopping = threading.Event()
         self.transport = Transport(
             f"sidetune-server-{settings.worker_id}",
