@@ -167,6 +167,14 @@ def test_job_records_survive_a_restart(redis_server, redis_url):
         r.set("act:durable", b"cached", ex=3600)
     redis_server.restart()
     with redis.Redis.from_url(redis_server.url) as r:
+        deadline = time.monotonic() + 30
+        while True:  # replaying the append-only file (the session's earlier tests wrote to it) takes a moment
+            try:
+                r.ping()
+                break
+            except redis.exceptions.BusyLoadingError:
+                assert time.monotonic() < deadline, "redis still loading its AOF after 30 s"
+                time.sleep(0.1)
         assert r.get("job:durable") == b"state"
         assert r.get("act:durable") == b"cached"
         assert 0 < r.ttl("act:durable") <= 3600
