@@ -17,9 +17,9 @@ arguments, never into an f-string.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 import os
 import sys
+from collections.abc import Mapping
 
 _SYSLOG = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 

@@ -23,6 +23,9 @@ class DeviceStatus(Message):
 RejectCode = Literal[
     "bad_topic", "bad_payload", "too_large", "bad_version", "bad_checksum", "invalid",
     "foreign", "replayed", "spec_mismatch", "unknown_job", "internal",
+    # A per-device quota (side_server/quotas.py; the reason names the setting), or a full cache:
+    "quota_jobs", "quota_samples", "quota_cache", "quota_records", "quota_sidenet", "quota_memory",
+    "quota_work", "quota_rate", "server_full",
 ]
 
 

@@ -1,20 +1,16 @@
 """Per-device quotas (DESIGN.md §8): what a job costs, checked before anything is stored or allocated.
 
-Each quota of :class:`side_server.config.Quotas` has its own rejection code. The shared
-contract (``schemas.status.RejectCode``) does not list these codes yet; until it does,
-:func:`wire_code` sends the nearest code it has (``too_large``, or ``internal`` for a full
-Redis) and the reason always starts with the code and the quota's setting name, e.g.
-``quota_jobs (quotas.jobs_in_flight = 4): ...``.
+Each quota of :class:`side_server.config.Quotas` has its own rejection code in the shared
+contract (``schemas.status.RejectCode``), and the reason starts with the code and the
+quota's setting name, e.g. ``quota_jobs (quotas.jobs_in_flight = 16): ...``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
 
 from schemas.errors import SidetuneError
 from schemas.spec import HyperParams, SideNetSpec
-from schemas.status import RejectCode
 from side_server.config import Quotas
 
 #: quota code -> the setting (of ServerSettings) that bounds it
@@ -52,13 +48,6 @@ class Rejected(SidetuneError):
 class OverQuota(Rejected):
     def __init__(self, code: str, limit: object, reason: str) -> None:
         super().__init__(code, f"{code} ({QUOTA_SETTINGS[code]} = {limit}): {reason}")
-
-
-def wire_code(code: str) -> str:
-    """The code a Rejection can carry: ``code`` itself once the contract lists it."""
-    if code in get_args(RejectCode):
-        return code
-    return "internal" if code == SERVER_FULL else "too_large"
 
 
 # --------------------------------------------------------------------------- what a job costs

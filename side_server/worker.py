@@ -32,7 +32,7 @@ from schemas.wire import decode, encode
 from side_server.cache import ActivationCache, CacheFull
 from side_server.config import ServerSettings
 from side_server.inbox import FairInbox
-from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job, wire_code
+from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job
 from side_server.store import JobRecord, JobStore, QuotaFull, job_digest
 from side_server.trainer import EpochReport, train
 
@@ -221,7 +221,7 @@ class Worker:
         except WireError:
             return  # no device to answer
         self._send(Rejection(device_id=device, ref_topic=topic[:256], ref_msg_id=ref,
-                             code=wire_code(code), reason=reason[:2000]))  # type: ignore[arg-type]
+                             code=code, reason=reason[:2000]))  # type: ignore[arg-type]
 
     def _send(self, msg: Message, retain: bool = False) -> None:
         topic, payload = encode(msg)
