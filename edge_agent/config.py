@@ -44,6 +44,11 @@ class EdgeSettings(FileThenEnv):
     #: 0 → 0.836, 0.1 → 0.827, 0.25 → 0.812 held-out accuracy (labels in the clear: 0.831). No level that
     #: keeps the accuracy hides the class count: one strong principal component per class but one shows.
     noise_std: float = Field(default=0.1, ge=0.0, le=10.0)
+    #: Label differential privacy: ε of the randomised response applied to each sample's label before its
+    #: residual is formed (edge_agent/label_dp.py). Each sample's reported label is drawn once, kept in the
+    #: ledger and resent unchanged in every later round; a changed ε applies to samples not yet drawn.
+    #: Two classes keep the true label with probability e^ε/(1+e^ε) (ε = 2: 0.881). ``inf`` turns it off.
+    label_epsilon: float = Field(default=2.0, gt=0.0)
     hyper: HyperParams = HyperParams()
     #: Optional held-out JSONL ({"text", "label"}) to evaluate each new adapter on.
     holdout_file: Path | None = None

@@ -2,7 +2,9 @@
 
 * ``samples``: every distinct labelled sample (key = HMAC of its token ids),
   its prior ``p_b`` once computed, its pivot states until the server holds
-  them, and the round whose adapter it went into (NULL = new).
+  them, the round whose adapter it went into (NULL = new), and the label its
+  targets report (``sent_label``, randomised response drawn once with
+  ``sent_epsilon``, edge_agent/label_dp.py; NULL until its first round).
 * ``rounds``: one row per round, with what the demo reports.
 * ``outbox``: encoded messages not yet acknowledged by the broker; they
   survive broker outages and agent restarts (paho keeps its session in memory).
@@ -28,7 +30,7 @@ import numpy as np
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
     key TEXT PRIMARY KEY, label INTEGER NOT NULL, token_ids BLOB NOT NULL,
-    prior BLOB, states BLOB, round INTEGER, added REAL NOT NULL
+    prior BLOB, states BLOB, round INTEGER, added REAL NOT NULL, sent_label INTEGER, sent_epsilon REAL
 );
 CREATE INDEX IF NOT EXISTS samples_round ON samples(round);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -56,6 +58,7 @@ class Sample:
     token_ids: list[int]
     prior: np.ndarray | None
     states: bytes | None  # float16 (L+1, d)
+    sent_label: int | None = None  # the randomised label the targets report (None: not drawn yet)
 
 
 class Ledger:
@@ -68,6 +71,15 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since the first ledgers: a ledger from an older agent gains them, empty."""
+        with self.tx() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(samples)")}
+            for col, kind in (("sent_label", "INTEGER"), ("sent_epsilon", "REAL")):
+                if col not in have:
+                    db.execute(f"ALTER TABLE samples ADD COLUMN {col} {kind}")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -107,9 +119,11 @@ class Ledger:
 
     def samples(self, where: str = "1=1", args: tuple[object, ...] = ()) -> list[Sample]:
         with self._lock:
-            rows = self.db.execute(f"SELECT key, label, token_ids, prior, states FROM samples WHERE {where} ORDER BY added, key", args).fetchall()
-        return [Sample(k, int(y), np.frombuffer(t, "<i4").tolist(), None if p is None else np.frombuffer(p, "<f4").copy(), s)
-                for k, y, t, p, s in rows]
+            rows = self.db.execute("SELECT key, label, token_ids, prior, states, sent_label FROM samples "
+                                   f"WHERE {where} ORDER BY added, key", args).fetchall()
+        return [Sample(k, int(y), np.frombuffer(t, "<i4").tolist(), None if p is None else np.frombuffer(p, "<f4").copy(), s,
+                       None if z is None else int(z))
+                for k, y, t, p, s, z in rows]
 
     def samples_by_key(self, keys: list[str]) -> dict[str, Sample]:
         """The samples of these keys (unknown keys are left out)."""
@@ -124,6 +138,21 @@ class Ledger:
         with self.tx() as db:
             db.executemany("UPDATE samples SET prior=?, states=? WHERE key=?",
                            [(p.astype("<f4").tobytes(), s.astype("<f2").tobytes(), k) for k, p, s in items])
+
+    def draw_sent_labels(self, num_classes: int, epsilon: float, rng: np.random.Generator) -> int:
+        """Draw the reported label (randomised response, ε) of every sample that has none yet; a
+        sample's draw is kept for good (a fresh one each round would average the noise away).
+        Returns how many were drawn."""
+        from edge_agent.label_dp import randomize
+
+        with self.tx() as db:
+            rows = db.execute("SELECT key, label FROM samples WHERE sent_label IS NULL ORDER BY added, key").fetchall()
+            if not rows:
+                return 0
+            noisy = randomize(np.array([int(y) for _, y in rows]), num_classes, epsilon, rng)
+            db.executemany("UPDATE samples SET sent_label=?, sent_epsilon=? WHERE key=? AND sent_label IS NULL",
+                           [(int(z), float(epsilon), k) for (k, _), z in zip(rows, noisy)])
+            return len(rows)
 
     def assign_round(self, keys: list[str], rnd: int) -> None:
         with self.tx() as db:

@@ -85,11 +85,13 @@ class Rounds:
             passes += len(part)
             self.ledger.set_meta("activity", f"forward passes {passes}/{len(fresh)}")
             log.info("forward passes: %d/%d", passes, len(fresh))
-        everything = self.ledger.samples("prior IS NOT NULL")
-        n_new = self.ledger.count_new()  # every new sample has its prior by now
-        labels = np.array([s.label for s in everything])
-        prior = np.stack([s.prior for s in everything if s.prior is not None])
         rng = np.random.default_rng(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
+        # Label-DP: each sample's reported label is drawn once (ledger) and the same one is sent in every round.
+        drawn = self.ledger.draw_sent_labels(self.model.task.num_classes, self.s.label_epsilon, rng)
+        everything = self.ledger.samples("prior IS NOT NULL AND sent_label IS NOT NULL")
+        n_new = self.ledger.count_new()  # every new sample has its prior by now
+        labels = np.array([s.sent_label for s in everything])
+        prior = np.stack([s.prior for s in everything if s.prior is not None])
         targets = self.model.secret.targets(labels, prior, self.s.noise_std, rng)
         rnd = self.ledger.new_round("pending", len(everything), n_new)
         job = Job(device_id=self.s.device_id, job_id=f"r{rnd}-{uuid.uuid4().hex[:8]}",
@@ -102,8 +104,8 @@ class Rounds:
         self.send([(t, payload, False)], rnd)
         self.current = Round(rnd, job, t0, time.time())
         self.ledger.set_meta("activity", f"round {rnd}: waiting for the server")
-        log.info("round %d: job %s with %d samples (%d new, %d forward passes)", rnd, job.job_id,
-                 len(everything), n_new, passes)
+        log.info("round %d: job %s with %d samples (%d new, %d forward passes, %d labels randomised at ε=%g)",
+                 rnd, job.job_id, len(everything), n_new, passes, drawn, self.s.label_epsilon)
         return rnd
 
     def resume(self) -> None:

@@ -6,8 +6,10 @@ orthogonal basis carry noise, so the server sees ``M·(onehot(y) − p_b) + nois
 and does not learn which class is which. It still sees the class partition
 (the first principal component of the targets splits the samples by class,
 DESIGN.md §2.5) and, at any noise level that costs little accuracy, the number
-of classes (C − 1 components stand out of the noise floor): this is not label
-differential privacy.
+of classes (C − 1 components stand out of the noise floor). The mixing alone is
+not label differential privacy: the labels ``targets`` is given are the ones
+randomised response reported (edge_agent/label_dp.py, drawn once per sample
+and kept in the ledger), so the partition the server reads is of those.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class DeviceSecret:
         return self.basis[:, :num_classes]
 
     def targets(self, labels: np.ndarray, prior: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
-        """``M·(onehot(y) − p_b) + Q_⊥·ε`` for each sample: (N, K) float32."""
+        """``M·(onehot(y) − p_b) + Q_⊥·ε`` for each sample: (N, K) float32. ``labels`` are the reported
+        (randomised) labels, not necessarily the true ones."""
         n, c = prior.shape
         residual = np.eye(c, dtype=np.float64)[labels] - prior  # (N, C)
         t = residual @ self.mixing(c).T  # (N, K)

@@ -1,4 +1,4 @@
-"""What the server can see (DESIGN §2): no text, no token ids, no labels; mixed targets only.
+"""What the server can see (DESIGN §2): no text, no token ids, no labels; mixed targets of randomised labels only.
 
 The real loop runs one round (edge agent + worker, tiny llama, real mosquitto
 and Redis) while a separate client logged in as the server account records
@@ -76,7 +76,7 @@ def adapter_for(device: str, spec: SideNetSpec, fingerprint: str, version: int) 
                          spec=spec, weights=weights)
 
 
-def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets(
+def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets_of_randomised_labels(
         tmp_path, tiny_backbone, mosquitto, redis_url, broker_accounts, device_account, mqtt_client):
     device, password = device_account
     sniffer = Sniffer(mqtt_client(SERVER_USER))
@@ -136,14 +136,17 @@ def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets(
                                + np.asarray(s.token_ids, "<i8").tobytes()).hexdigest()
         assert plain not in job.keys  # without the device's secret the server cannot test a guessed text
 
-    # ---- the targets are the mixed residual, not a label, not the plain residual
+    # ---- the targets are the mixed residual of the randomised label, not a label, not the plain residual
     targets = job.targets.to_array()  # (N, K)
     c = len(CLASSES)
     assert targets.shape == (N, spec.out_dim) and spec.out_dim > c
-    labels = np.array([ledger[k].label for k in job.keys])
+    true = np.array([ledger[k].label for k in job.keys])
+    labels = np.array([ledger[k].sent_label for k in job.keys])  # label-DP (ε = 2 by default): randomised
+    assert 0 < np.sum(labels != true) < N // 4  # e^2/(1+e^2): about 12 % reported as the other class
     prior = np.stack([ledger[k].prior for k in job.keys])  # (N, C)
     onehot = np.eye(c)[labels]
     residual = onehot - prior
+    assert not np.allclose(targets @ agent.secret.mixing(c), np.eye(c)[true] - prior, atol=1e-3)
     assert not np.isin(targets, (0.0, 1.0)).all(), "targets are one-hot"
     for plain in (onehot, residual):
         for cols in ((0, 1), (1, 0)):
