@@ -276,4 +276,32 @@ class RedisServer(_ChildService):
                  "--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_port(self.proc, self.port, self.log, "redis-server")
+        self._wait_until_loaded()
         return self
+
+    def _wait_until_loaded(self, timeout: float = 120.0) -> None:
+        """Redis accepts connections while it loads its append-only file and answers every
+        command with -LOADING until done (seconds, for a large file): wait for a PONG."""
+        assert self.proc is not None
+        pw = self.password.encode()
+        request = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n*1\r\n$4\r\nPING\r\n" % (len(pw), pw)
+        deadline = time.monotonic() + timeout
+        reply = b""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceError(f"redis-server exited with code {self.proc.returncode} while loading its data")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    s.sendall(request)
+                    reply = b""
+                    while reply.count(b"\r\n") < 2:
+                        chunk = s.recv(4096)
+                        if not chunk:
+                            break
+                        reply += chunk
+            except OSError:
+                reply = b""
+            if reply.endswith(b"+PONG\r\n"):
+                return
+            time.sleep(0.05)
+        raise ServiceError(f"redis-server on port {self.port} still not ready after {timeout:.0f} s: {reply[:200]!r}")
