@@ -29,6 +29,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from schemas.errors import ConfigurationError, UnavailableError
 
@@ -101,9 +102,13 @@ class Transport:
         session_expiry: int = 7 * 24 * 3600,
         on_connected: Callable[[bool], None] | None = None,
         receive_maximum: int = 64,
+        no_retained: tuple[str, ...] = (),
     ) -> None:
         self.broker = broker
         self.subscriptions = subscriptions
+        #: Filters subscribed with Retain Handling 2: the broker sends no retained message on
+        #: subscribing (a device can leave one on each topic it writes; DESIGN.md §8).
+        self.no_retained = frozenset(no_retained)
         self.connected = threading.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -235,7 +240,8 @@ class Transport:
                                               f"{self.broker.username or 'anonymous'}: {reason}")
             return
         for flt in self.subscriptions:
-            client.subscribe(flt, qos=QOS)
+            retain_handling = 2 if flt in self.no_retained else 0
+            client.subscribe(flt, options=SubscribeOptions(qos=QOS, retainHandling=retain_handling))
         self._connections += 1
         self.connected.set()
         if self._on_connected is not None:

@@ -76,6 +76,9 @@ class Worker:
                           settings.broker_password_value(), settings.broker_ca_file),
             self.inbox.put,  # never blocks: the broker's in-flight window bounds this queue
             subscriptions=tuple(subscription(k, share_group=settings.share_group) for k in UPLINK_KINDS),
+            # A device can leave a retained message on its jobs or activations topic (mosquitto
+            # 2.0.11 cannot refuse it): never replay those to a (re)subscribing worker.
+            no_retained=tuple(subscription(k, share_group=settings.share_group) for k in ("jobs", "activations")),
             manual_ack=True,
             session_expiry=settings.session_expiry,
             on_connected=self._connected,
@@ -165,6 +168,8 @@ class Worker:
         self.stats.received += 1
         msg: Message | None = None
         try:
+            if item.retain and not item.topic.endswith("/status"):
+                raise Rejected("invalid", "a retained job or activations message is ignored: publish it live")
             if not self._within_rate(item.topic):
                 return
             msg = decode(item.topic, item.payload)

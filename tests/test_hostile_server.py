@@ -19,6 +19,7 @@ from schemas import AdapterUpdate, HyperParams, Rejection, SideNetSpec, encode
 from side_server.cache import act_key
 from side_server.config import Quotas
 from side_server.store import JobStore
+from sidetune.services import SERVER_USER
 from tests.loop_helpers import make_batch, wait_for, worker_and_device
 from tests.test_fairness import job_of, record, second_device, time_to_adapter, upload  # noqa: F401 (fixture)
 
@@ -140,3 +141,28 @@ def test_giant_side_networks_are_refused_before_allocation(request, mosquitto, r
         "ratio": round(under_attack / solo, 2), "attacker_rejections": got, "worker_rss_growth_mib": round(grown / MiB, 1)})
     assert under_attack <= 2 * solo, (solo, under_attack)
     assert not any(isinstance(m, AdapterUpdate) for m in attacker.down.messages)
+
+
+def test_a_retained_job_is_never_replayed_to_a_worker(mosquitto, redis_url, broker_accounts, mqtt_client,
+                                                      device_account):
+    """mosquitto cannot refuse a device's retained uplink; the worker subscribes to jobs and
+    activations with Retain Handling 2, so a job left retained is not trained on every restart."""
+    from tests.loop_helpers import make_job, server_settings, start_worker
+
+    device, password = device_account
+    board = mqtt_client(device, password)
+    job = make_job(device)
+    t, payload = encode(job)
+    board.publish(t, payload, qos=1, retain=True).wait_for_publish(5)
+    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER],
+                                          worker_id=f"ret-{os.getpid()}", share_group=f"ret-{time.monotonic_ns()}"))
+    try:
+        time.sleep(2.0)
+        assert worker.stats.received == 0
+        assert not JobStore(redis.Redis.from_url(redis_url)).get(device, job.job_id)
+        live = make_job(device)  # the same device's live job is served as usual
+        board.publish(*encode(live), qos=1).wait_for_publish(5)
+        wait_for(lambda: JobStore(redis.Redis.from_url(redis_url)).get(device, live.job_id), 10, "the live job")
+    finally:
+        worker.stop()
+        board.publish(t, b"", qos=1, retain=True).wait_for_publish(5)
