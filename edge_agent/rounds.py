@@ -36,6 +36,8 @@ log = logging.getLogger("sidetune.edge")
 
 #: Forward passes between two ledger commits (and log lines).
 CHUNK = 64
+#: Rejections of a job that say "not now" rather than "never": the round waits and sends it again.
+RETRY_LATER = frozenset({"quota_rate", "quota_jobs", "server_full"})
 #: A key the server asks for again within this many seconds was just queued: not sent twice.
 RESEND_AFTER = 30.0
 
@@ -164,7 +166,12 @@ class Rounds:
                 self._fail(r, f"server: {msg.detail}")
         elif isinstance(msg, Rejection):
             log.warning("round %d: server rejected %s: %s (%s)", r.number, msg.ref_topic, msg.reason, msg.code)
-            if msg.ref_msg_id == r.job.msg_id and msg.code != "replayed":
+            if msg.ref_msg_id != r.job.msg_id or msg.code == "replayed":
+                return
+            if msg.code in RETRY_LATER:  # the job is sent again after round_timeout of silence
+                log.info("round %d: the server is busy (%s); the job goes again in %.0f s", r.number, msg.code,
+                         self.s.round_timeout)
+            else:
                 self._fail(r, f"job rejected: {msg.reason}")
         elif isinstance(msg, AdapterUpdate):
             self._finish(r, msg)

@@ -22,6 +22,7 @@ import pytest
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.config import EdgeSettings
+from schemas import encode
 from schemas.errors import ExitCode
 from schemas.settings import ConfigError, load_settings
 from sidetune.cli import main
@@ -409,3 +410,32 @@ def test_log_arguments_cannot_forge_lines_or_flood(tmp_path):
     assert len(lines) == 1, proc.stdout
     assert "board-1\\n2026-01-01" in lines[0] and "\\x1b[31m" in lines[0] and "\x1b" not in lines[0]
     assert lines[0].endswith("…(+4700 chars) (7)") and len(lines[0]) < 800
+
+
+def test_a_job_over_a_busy_quota_waits_and_goes_again(tmp_path, tiny_backbone, mosquitto, redis_url,
+                                                      broker_accounts, mqtt_client, device_account):
+    """quota_jobs says "not now": the round stays open and its job goes again after round_timeout,
+    and finishes once the device's other job is done."""
+    from side_server.config import Quotas
+    from tests.loop_helpers import make_batch, make_job
+
+    device, password = device_account
+    settings = edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, round_timeout=3.0,
+                             hyper={"epochs": 2})
+    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER],
+                                          quotas=Quotas(jobs_in_flight=1)))
+    raw = mqtt_client(device, password)
+    try:
+        blocker = make_job(device)  # waits for its activations: the device's one job in flight
+        raw.publish(*encode(blocker), qos=1).wait_for_publish(5)
+        time.sleep(1.0)
+        with AgentThread(EdgeAgent(settings)) as agent:
+            request_round(agent, make_samples(20, seed=8))
+            wait_for(lambda: agent.round is not None, 30, "the round to start")
+            time.sleep(4.0)  # rejected (quota_jobs), then sent again at least once
+            assert round_state(agent, 1) is None and agent.round is not None  # not failed: waiting
+            raw.publish(*encode(make_batch(blocker)), qos=1).wait_for_publish(5)
+            done = wait_for(lambda: round_state(agent, 1), 90, "round 1 once the slot is free")
+            assert done["state"] == "done", done
+    finally:
+        worker.stop()
