@@ -81,6 +81,28 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_privacy(args: argparse.Namespace) -> int:
+    from edge_agent.backbone import BackboneError
+    from edge_agent.task import TaskError
+    from sidetune.bench_privacy import run_privacy_bench
+    from sidetune.data import DataError
+    from sidetune.demo import default_backbone_dir, default_home
+
+    if min(args.public, args.train, args.holdout, args.splits, args.epochs) < 1:
+        raise UsageError("--public, --train, --holdout, --splits and --epochs must be positive")
+    backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
+    if not (backbone / "manifest.json").exists():
+        raise UsageError(f"{backbone} holds no exported backbone: run `sidetune demo` once, or "
+                         f"`sidetune export --model smollm2-135m --out {backbone}`")
+    try:
+        run_privacy_bench(backbone, args.task, Path(args.out), public=args.public, train=args.train,
+                          holdout=args.holdout, splits=args.splits, epochs=args.epochs,
+                          cache_dir=default_home() / "features", progress=lambda m: print(f"[bench] {m}", flush=True))
+    except (BackboneError, TaskError, DataError, ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
 def cmd_edge(args: argparse.Namespace) -> int:
     from edge_agent import cli as edge_cli
 
@@ -136,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="std of the noise in the K−C extra target dimensions (the agent's noise_std by default)")
     ba.add_argument("--json", help="also write the results here")
     ba.set_defaults(func=cmd_bench_accuracy)
+    bp = bench.add_parser("privacy", help="each attack a curious server can run against each defence, and its cost")
+    bp.add_argument("--task", default="chat",
+                    help="chat (the demo's prompt), plain (Review: ... Sentiment:) or a task TOML with classes "
+                         "fresh and rotten")
+    bp.add_argument("--out", default="bench-privacy", help="folder for results.json, report.md and plot.svg")
+    bp.add_argument("--backbone", default=None, help="an exported backbone folder (the demo's by default)")
+    bp.add_argument("--public", type=int, default=800, help="the server's own labelled reviews per split")
+    bp.add_argument("--train", type=int, default=1200, help="the device's training samples per split")
+    bp.add_argument("--holdout", type=int, default=600, help="the device's held-out samples per split")
+    bp.add_argument("--splits", type=int, default=3, help="random splits to average over")
+    bp.add_argument("--epochs", type=int, default=20)
+    bp.set_defaults(func=cmd_bench_privacy)
 
     edge = sub.add_parser("edge", help="the board's agent")
     edge.set_defaults(func=cmd_edge, edge_parser=edge)
