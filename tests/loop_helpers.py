@@ -268,9 +268,11 @@ class Device:
         """Publish a job and wait for the server's CacheReport on it."""
         return self.cache_report(encode(job)[1], job, timeout)
 
-    def wait_until_answered(self) -> None:
-        """The worker subscribes in its connect callback: resend a probe job until one is answered."""
-        for _ in range(20):
+    def wait_until_answered(self, timeout: float = 40.0) -> None:
+        """The worker subscribes in its connect callback (a server process first loads torch):
+        resend a probe job until one is answered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             probe = make_job(self.id, n=1)
             try:
                 self.job_answered(probe, timeout=0.5)
@@ -289,16 +291,64 @@ def clear_device(mqtt_client: Callable[..., Any], device: str, worker_ids: Seque
         mqtt_client(SERVER_USER, client_id=f"sidetune-server-{wid}").disconnect()
 
 
+class ServerProcess:
+    """A real ``sidetune server`` in its own process (as systemd runs it), configured from ``settings``."""
+
+    def __init__(self, settings: ServerSettings, workdir: Path) -> None:
+        import subprocess
+        import sys
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "server.toml"
+        data = settings.model_dump(mode="json", exclude_none=True)
+        tables = {k: data.pop(k) for k in list(data) if isinstance(data[k], dict)}
+        lines = [f"{k} = {json.dumps(v)}" for k, v in data.items()]
+        for name, table in tables.items():
+            lines += ["", f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in table.items())]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log = workdir / "server.log"
+        self._out = open(self.log, "wb")  # noqa: SIM115 (closed in stop)
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidetune.cli", "server", "--config", str(self.config)],
+                                     stdout=self._out, stderr=subprocess.STDOUT, cwd=root)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
 @contextmanager
 def worker_and_device(mosquitto: Mosquitto, redis_url: str, broker_accounts: dict[str, str],
                       mqtt_client: Callable[..., Any], device_account: tuple[str, str], prefix: str,
-                      **kw: object) -> Iterator[tuple[Worker, Device]]:
+                      *, process: Path | None = None, **kw: object) -> Iterator[tuple[Any, Device]]:
     """A worker in a share group of its own (``kw`` goes to its settings), and a :class:`Device` of
-    ``device_account`` whose jobs the worker already answers; both cleaned up afterwards."""
+    ``device_account`` whose jobs the worker already answers; both cleaned up afterwards. With
+    ``process`` (a work folder) the worker is a real ``sidetune server`` process (a
+    :class:`ServerProcess`), else a :class:`Worker` in this process."""
     device, password = device_account
     wid = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], worker_id=wid,
-                                          share_group=wid, **kw))
+    settings = server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], worker_id=wid,
+                               share_group=wid, **kw)
+    worker: Any = ServerProcess(settings, process) if process is not None else start_worker(settings)
     try:
         client = mqtt_client(device, password)
         dev = Device(device, client, Downlinks(client, device))

@@ -94,11 +94,12 @@ def second_device(mqtt_client, broker_accounts) -> Iterator[Callable[[str], Devi
         clear_device(mqtt_client, device)
 
 
-def test_a_short_job_is_not_held_back_by_a_long_one(request, mosquitto, redis_url, broker_accounts, mqtt_client,
-                                                     device_account, second_device):
+def test_a_short_job_is_not_held_back_by_a_long_one(request, tmp_path, mosquitto, redis_url, broker_accounts,
+                                                     mqtt_client, device_account, second_device):
+    """Class 6 (head-of-line blocking), against a real `sidetune server` process."""
     assert SERVER_USER in broker_accounts
     with worker_and_device(mosquitto, redis_url, broker_accounts, mqtt_client, device_account, "fair",
-                           train_slice=0.2) as (worker, victim):
+                           process=tmp_path, train_slice=0.2) as (worker, victim):
         time_to_adapter(victim, job_of(victim.id, 16, VICTIM_HYPER))  # warm-up (the first training in a process)
         solo = time_to_adapter(victim, job_of(victim.id, VICTIM_SAMPLES, VICTIM_HYPER))
         attacker = second_device("dev-f")
