@@ -168,11 +168,11 @@ class Worker:
         self.stats.received += 1
         msg: Message | None = None
         try:
-            if item.retain and not item.topic.endswith("/status"):
-                raise Rejected("invalid", "a retained job or activations message is ignored: publish it live")
             if not self._within_rate(item.topic):
                 return
             msg = decode(item.topic, item.payload)
+            if item.retain and not isinstance(msg, DeviceStatus):
+                raise Rejected("invalid", "a retained job or activations message is ignored: publish it live")
             if time.time() - msg.sent_at > self.s.max_message_age:
                 raise Rejected("replayed", f"message sent {time.time() - msg.sent_at:.0f} s ago, older than "
                                            f"{self.s.max_message_age:.0f} s: a replay")
