@@ -103,12 +103,15 @@ class Transport:
         on_connected: Callable[[bool], None] | None = None,
         receive_maximum: int = 64,
         no_retained: tuple[str, ...] = (),
+        drop_subscriptions: tuple[str, ...] = (),
     ) -> None:
         self.broker = broker
         self.subscriptions = subscriptions
         #: Filters subscribed with Retain Handling 2: the broker sends no retained message on
         #: subscribing (a device can leave one on each topic it writes; DESIGN.md §8).
         self.no_retained = frozenset(no_retained)
+        #: Filters a resumed session may still hold from an older configuration: dropped on connect.
+        self.drop_subscriptions = drop_subscriptions
         self.connected = threading.Event()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -239,6 +242,8 @@ class Transport:
                 self.fatal = TransportRefused(f"broker {self.broker.host}:{self.broker.port} refused "
                                               f"{self.broker.username or 'anonymous'}: {reason}")
             return
+        if self.drop_subscriptions:
+            client.unsubscribe(list(self.drop_subscriptions))
         for flt in self.subscriptions:
             retain_handling = 2 if flt in self.no_retained else 0
             client.subscribe(flt, options=SubscribeOptions(qos=QOS, retainHandling=retain_handling))

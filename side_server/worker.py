@@ -52,6 +52,8 @@ class Stats:
     by_code: dict[str, int] = field(default_factory=dict)
 
 
+#: The share group every worker used before `sidetune broker init` made it a secret.
+LEGACY_GROUP = "workers"
 #: An ingest loop that has not turned for this long is hung (it turns every 0.2 s when idle).
 STALL_SECONDS = 60.0
 #: Jobs whose tapped states a worker keeps in memory between slices (so a job it trains slice
@@ -79,6 +81,10 @@ class Worker:
             # A device can leave a retained message on its jobs or activations topic (mosquitto
             # 2.0.11 cannot refuse it): never replay those to a (re)subscribing worker.
             no_retained=tuple(subscription(k, share_group=settings.share_group) for k in ("jobs", "activations")),
+            # A session resumed from before the share group became a secret still holds the old,
+            # guessable group: leave it (it would get duplicates and keep the group joinable).
+            drop_subscriptions=() if settings.share_group == LEGACY_GROUP else
+            tuple(subscription(k, share_group=LEGACY_GROUP) for k in UPLINK_KINDS),
             manual_ack=True,
             session_expiry=settings.session_expiry,
             on_connected=self._connected,

@@ -168,3 +168,43 @@ def test_a_retained_job_is_never_replayed_to_a_worker(mosquitto, redis_url, brok
     finally:
         worker.stop()
         board.publish(t, b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def test_a_resumed_session_leaves_the_old_guessable_group(mosquitto, redis_url, broker_accounts, mqtt_client,
+                                                          device_account):
+    """A worker killed under the old configuration (share group "workers") left a persistent session
+    subscribed there; restarted with a secret group, it unsubscribes the old one, so it gets each
+    uplink once and nobody can join the old group to take a share."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from tests.loop_helpers import Downlinks, make_job, server_settings, start_worker
+
+    device, password = device_account
+    wid = f"legacy-{time.monotonic_ns()}"
+    old = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sidetune-server-{wid}", protocol=mqtt.MQTTv5)
+    old.username_pw_set(SERVER_USER, broker_accounts[SERVER_USER])
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 600
+    old.connect("127.0.0.1", mosquitto.port, clean_start=False, properties=props)
+    old.loop_start()
+    wait_for(lambda: old.is_connected(), 10, "the old session")
+    old.subscribe("$share/workers/sidetune/v1/+/jobs", qos=1)  # as every worker did
+    time.sleep(0.5)
+    old.disconnect()  # the session (and its subscription) stays, as after a SIGKILL
+    old.loop_stop()
+    board = mqtt_client(device, password)
+    down = Downlinks(board, device)
+    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], worker_id=wid,
+                                          share_group=f"secret-{wid}"))
+    try:
+        time.sleep(1.0)
+        job = make_job(device)
+        board.publish(*encode(job), qos=1).wait_for_publish(5)
+        wait_for(lambda: any(getattr(m, "job_id", None) == job.job_id for m in down.messages), 10, "the answer")
+        time.sleep(1.5)
+        answers = [m for m in down.messages if getattr(m, "job_id", None) == job.job_id]
+        assert len(answers) == 1, answers  # one copy: the old group's subscription is gone
+    finally:
+        worker.stop()
