@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -49,6 +50,11 @@ class EdgeSettings(FileThenEnv):
     #: ledger and resent unchanged in every later round; a changed ε applies to samples not yet drawn.
     #: Two classes keep the true label with probability e^ε/(1+e^ε) (ε = 2: 0.881). ``inf`` turns it off.
     label_epsilon: float = Field(default=2.0, gt=0.0)
+    #: Who trains the side network: ``"server"`` (the board uploads targets and activations) or ``"board"``
+    #: (edge_agent/board_trainer.py: the same network, optimiser, schedule and best-epoch choice, in numpy on the
+    #: board's own cached features; no job and no activations leave the board, only its status). A board-trained
+    #: board keeps every sample's pivot states in its ledger (the next round trains on them again).
+    train_on: Literal["server", "board"] = "server"
     hyper: HyperParams = HyperParams()
     #: Optional held-out JSONL ({"text", "label"}) to evaluate each new adapter on.
     holdout_file: Path | None = None

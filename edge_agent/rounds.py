@@ -3,6 +3,14 @@
 Everything a round decides is written to the ledger before it is sent, so an
 agent restarted mid-round resumes it: it sends the same job again and the
 server answers with what it still lacks (or that it is done).
+
+With ``train_on = "board"`` a round sends nothing: after the forward passes the
+board trains the side network itself (edge_agent/board_trainer.py) on its own
+cached states and the mixed targets of the TRUE labels (nothing leaves the
+board, so no randomised response and no noise in the extra target dimensions),
+and installs the result as the next adapter version; only the board's status
+(its adapter version) is published. Its samples keep their pivot states in the
+ledger, since every later round trains on them again.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent import board_trainer
 from edge_agent.config import EdgeSettings
 from edge_agent.evaluate import Holdout, load_holdout
 from edge_agent.ledger import Ledger
@@ -30,6 +39,7 @@ from schemas.progress import Progress
 from schemas.status import Rejection
 from schemas.tensors import WireTensor
 from schemas.topics import topic
+from schemas.weights import encode_weights
 from schemas.wire import decode, encode
 
 log = logging.getLogger("sidetune.edge")
@@ -73,6 +83,7 @@ class Rounds:
     def start(self) -> int | None:
         """Run the forward passes of every new sample, then queue the job of all samples."""
         t0 = time.time()
+        cpu0 = time.process_time()
         fresh = self.ledger.samples("round IS NULL AND prior IS NULL")
         log.info("round starting: %d new samples need a forward pass, %d new in all", len(fresh),
                  self.ledger.count_new())
@@ -87,6 +98,8 @@ class Rounds:
             passes += len(part)
             self.ledger.set_meta("activity", f"forward passes {passes}/{len(fresh)}")
             log.info("forward passes: %d/%d", passes, len(fresh))
+        if self.s.train_on == "board":
+            return self._train_on_board(t0, passes, time.process_time() - cpu0)
         rng = np.random.default_rng(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
         # Label-DP: each sample's reported label is drawn once (ledger) and the same one is sent in every round.
         drawn = self.ledger.draw_sent_labels(self.model.task.num_classes, self.s.label_epsilon, rng)
@@ -108,6 +121,58 @@ class Rounds:
         self.ledger.set_meta("activity", f"round {rnd}: waiting for the server")
         log.info("round %d: job %s with %d samples (%d new, %d forward passes, %d labels randomised at ε=%g)",
                  rnd, job.job_id, len(everything), n_new, passes, drawn, self.s.label_epsilon)
+        return rnd
+
+    def _train_on_board(self, t0: float, passes: int, forward_cpu: float) -> int | None:
+        """Train on the board's own cached states (nothing is sent) and install the result."""
+        everything = self.ledger.samples("prior IS NOT NULL")
+        n_new = self.ledger.count_new()
+        rnd = self.ledger.new_round("board", len(everything), n_new)
+        self.ledger.update_round(rnd, job_id=f"board-r{rnd}", state="training", forward_passes=passes, started=t0)
+        self.ledger.set_meta("activity", f"round {rnd}: training on the board")
+        spec, taps = self.model.spec, list(self.model.spec.taps)
+        cpu0 = time.process_time()
+        missing = [s for s in everything if s.states is None]  # dropped after a server-trained round
+        if missing:
+            for i in range(0, len(missing), CHUNK):
+                part = missing[i : i + CHUNK]
+                f = self.model.fx.from_token_ids([s.token_ids for s in part])
+                for j, s in enumerate(part):
+                    s.states = f.states[j].astype("<f2").tobytes()
+                self.ledger.set_features([(s.key, f.prior[j], f.states[j]) for j, s in enumerate(part)])
+                self.pet()
+            self.ledger.add_round_counts(rnd, forward_passes=len(missing))
+            forward_cpu += time.process_time() - cpu0
+            cpu0 = time.process_time()
+        shape = (spec.num_states, spec.width)
+        tapped = np.stack([np.frombuffer(s.states or b"", "<f2").reshape(shape)[taps] for s in everything])
+        labels = np.array([s.label for s in everything])
+        prior = np.stack([s.prior for s in everything if s.prior is not None])
+        targets = self.model.secret.targets(labels, prior, 0.0, np.random.default_rng(0))
+        init = encode_weights(self.model.adapter.forward.w, spec) if self.model.adapter is not None else None
+
+        def on_epoch(rep: board_trainer.EpochReport) -> bool:
+            self.pet()
+            self.ledger.set_meta("activity", f"round {rnd}: training on the board, epoch {rep.epoch}/{self.s.hyper.epochs}")
+            log.info("round %d: epoch %d/%d train loss %.4f val loss %s (board)", rnd, rep.epoch, self.s.hyper.epochs,
+                     rep.train_loss, f"{rep.val_loss:.4f}" if rep.val_loss is not None else "-")
+            return not self.stopping.is_set()
+
+        weights, reports = board_trainer.train(spec, self.s.hyper, tapped, targets, init=init, on_epoch=on_epoch)
+        train_cpu = time.process_time() - cpu0
+        if self.stopping.is_set():
+            self._fail_number(rnd, "the agent stopped during board training")
+            return None
+        metrics = {"train_loss": reports[-1].train_loss, "board_train_cpu_s": train_cpu, "forward_cpu_s": forward_cpu}
+        vals = [r.val_loss for r in reports if r.val_loss is not None]
+        if vals:
+            metrics["val_loss"] = min(vals)
+        update = AdapterUpdate(device_id=self.s.device_id, job_id=f"board-r{rnd}", version=self.model.adapter_version + 1,
+                               base_version=self.model.adapter_version, backbone_fingerprint=self.model.backbone.fingerprint,
+                               spec=spec, weights=weights, metrics=metrics)
+        log.info("round %d: trained on the board in %.2f CPU-s (forward passes %.2f CPU-s), %d samples", rnd, train_cpu,
+                 forward_cpu, len(everything))
+        self._install(rnd, [s.key for s in everything], update, t0, keep_states=True)
         return rnd
 
     def resume(self) -> None:
@@ -194,28 +259,39 @@ class Rounds:
         log.info("round %d: uploading %d activations in %d messages", r.number, len(up.keys), len(up.messages))
 
     def _finish(self, r: Round, update: AdapterUpdate) -> None:
+        self._install(r.number, list(r.job.keys), update, r.started)
+
+    def _install(self, rnd: int, keys: list[str], update: AdapterUpdate, started: float, *,
+                 keep_states: bool = False) -> None:
         try:
             self.model.install(update)
         except SpecMismatch as e:
-            self._fail(r, str(e))
+            self._fail_number(rnd, str(e))
             return
-        self.ledger.assign_round(list(r.job.keys), r.number)
+        if keep_states:  # board training: the next round trains on these states again
+            with self.ledger.tx() as db:
+                db.executemany("UPDATE samples SET round=? WHERE key=? AND round IS NULL", [(rnd, k) for k in keys])
+        else:
+            self.ledger.assign_round(keys, rnd)
         fields: dict[str, object] = {"state": "done", "adapter_version": update.version, "finished": time.time(),
-                                     "seconds": time.time() - r.started}
+                                     "seconds": time.time() - started}
         holdout = self.holdout()
         if holdout is not None:
             fields["zero_shot_accuracy"] = holdout.accuracy(None, self.model.secret)
             fields["tuned_accuracy"] = holdout.accuracy(self.model.adapter, self.model.secret)
-        self.ledger.update_round(r.number, **fields)
-        log.info("round %d done: adapter v%d installed (%s)", r.number, update.version,
+        self.ledger.update_round(rnd, **fields)
+        log.info("round %d done: adapter v%d installed (%s)", rnd, update.version,
                  ", ".join(f"{k} {v:.3f}" for k, v in fields.items() if k.endswith("accuracy")))  # type: ignore[str-format]
         self.ledger.set_meta("activity", "idle")
         self.current = None
         self.on_installed()
 
     def _fail(self, r: Round, why: str) -> None:
-        log.error("round %d failed: %s", r.number, why)
-        self.ledger.update_round(r.number, state="failed", detail=why[:500], finished=time.time())
+        self._fail_number(r.number, why)
+
+    def _fail_number(self, rnd: int, why: str) -> None:
+        log.error("round %d failed: %s", rnd, why)
+        self.ledger.update_round(rnd, state="failed", detail=why[:500], finished=time.time())
         self.ledger.set_meta("activity", "idle")
         self.current = None
 

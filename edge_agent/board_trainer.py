@@ -1,0 +1,206 @@
+"""Training the side network on the board itself, in numpy (``train_on = "board"``).
+
+The same network as ``side_server/sidenet.py`` (forward pass: ``edge_agent/sidenet.py``),
+the same loss ``mean_i ‖g(A_i) − target_i‖²`` and the same training as
+``side_server/trainer.py``: torch's AdamW (β = 0.9/0.999, ε = 1e-8, decoupled weight
+decay on every parameter), the job's validation split and per-epoch batch order (the
+same numpy seeds, so the same samples in the same batches), and the weights of the
+epoch with the lowest validation loss. The gradients are written out by hand
+(tests/test_board_gradients.py checks them against torch's autograd).
+
+Only the initialisation differs: a fresh network draws ``down`` from numpy's
+generator (the same U(±1/√d) as torch's ``nn.Linear``), ``up``/``out``/``α`` start
+at zero as on the server; a board that holds an adapter starts from it, as the
+server starts from the job's base adapter.
+
+The input LayerNorm has no parameters, so it is applied once to the whole data
+set, not per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.spec import HyperParams, SideNetSpec
+from schemas.weights import decode_weights, encode_weights, expected_shapes
+
+LN_EPS = 1e-5
+_K = np.sqrt(2.0 / np.pi)
+BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    train_loss: float
+    val_loss: float | None
+    seconds: float
+
+
+def split(n: int, hyper: HyperParams) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices, as ``side_server.trainer.split``."""
+    perm = np.random.default_rng(hyper.seed).permutation(n)
+    n_val = int(round(n * hyper.val_fraction)) if n >= 10 else 0
+    return perm[n_val:], perm[:n_val]
+
+
+def _ln(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LayerNorm without affine over the last axis: (normalised, 1/σ)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(var + LN_EPS)
+    return (x - mean) * inv, inv
+
+
+def _ln_backward(dy: np.ndarray, y: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    return inv * (dy - dy.mean(axis=-1, keepdims=True) - y * (dy * y).mean(axis=-1, keepdims=True))
+
+
+def _act(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """act(z) and act'(z)."""
+    if name == "gelu":
+        t = np.tanh(_K * (z + 0.044715 * z**3))
+        return 0.5 * z * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _K * (1.0 + 3 * 0.044715 * z * z)
+    if name == "relu":
+        return np.maximum(z, 0.0), (z > 0).astype(z.dtype)
+    t = np.tanh(z)
+    return t, 1.0 - t * t
+
+
+def normalise_inputs(spec: SideNetSpec, tapped: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """(N, T, d) tapped states → the network's input after its (parameter-free) input norm."""
+    a: np.ndarray = np.asarray(tapped, dtype=dtype)
+    return _ln(a)[0] if spec.norm == "layernorm" else a
+
+
+def init_weights(spec: SideNetSpec, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / np.sqrt(spec.width)
+    w = {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(spec).items()}
+    for j in range(len(spec.taps)):
+        w[f"ladder.{j}.down.weight"] = rng.uniform(-bound, bound, w[f"ladder.{j}.down.weight"].shape).astype(np.float32)
+        w[f"ladder.{j}.down.bias"] = rng.uniform(-bound, bound, w[f"ladder.{j}.down.bias"].shape).astype(np.float32)
+    return w
+
+
+def forward(spec: SideNetSpec, w: dict[str, np.ndarray], a: np.ndarray) -> np.ndarray:
+    """a (B, T, d), already normalised (:func:`normalise_inputs`) → g (B, K)."""
+    return _forward(spec, w, a)[0]
+
+
+def _forward(spec: SideNetSpec, w: dict[str, np.ndarray], a: np.ndarray) -> tuple[np.ndarray, list[tuple]]:
+    cache: list[tuple] = []
+    h = a[:, 0]
+    for j in range(len(spec.taps)):
+        mu = 0.0
+        h_prev = h
+        if j == 0:
+            s = h
+        else:
+            mu = float(1.0 / (1.0 + np.exp(-float(w[f"ladder.{j}.alpha"][0]))))
+            s = (1 - mu) * a[:, j] + mu * h
+        z = s @ w[f"ladder.{j}.down.weight"].T + w[f"ladder.{j}.down.bias"]
+        u, du = _act(spec.activation, z)
+        h = s + u @ w[f"ladder.{j}.up.weight"].T + w[f"ladder.{j}.up.bias"]
+        cache.append((s, u, du, mu, h_prev))
+    hn, inv = _ln(h)
+    cache.append((hn, inv))
+    return hn @ w["out.weight"].T + w["out.bias"], cache
+
+
+def loss_and_grads(spec: SideNetSpec, w: dict[str, np.ndarray], a: np.ndarray,
+                   y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """``mean_i ‖g(a_i) − y_i‖²`` and its gradient for every parameter (same names as ``w``)."""
+    out, cache = _forward(spec, w, a)
+    diff = out - y
+    loss = float((diff * diff).sum(axis=1).mean())
+    dout = (2.0 / len(a)) * diff  # (B, K)
+    g: dict[str, np.ndarray] = {}
+    hn, inv = cache[-1]
+    g["out.weight"] = dout.T @ hn
+    g["out.bias"] = dout.sum(axis=0)
+    dh = _ln_backward(dout @ w["out.weight"], hn, inv)
+    for j in reversed(range(len(spec.taps))):
+        s, u, du, mu, h_prev = cache[j]
+        g[f"ladder.{j}.up.weight"] = dh.T @ u
+        g[f"ladder.{j}.up.bias"] = dh.sum(axis=0)
+        dz = (dh @ w[f"ladder.{j}.up.weight"]) * du
+        g[f"ladder.{j}.down.weight"] = dz.T @ s
+        g[f"ladder.{j}.down.bias"] = dz.sum(axis=0)
+        ds = dh + dz @ w[f"ladder.{j}.down.weight"]
+        if j > 0:
+            dmu = float((ds * (h_prev - a[:, j])).sum())
+            g[f"ladder.{j}.alpha"] = np.array([dmu * mu * (1.0 - mu)], dtype=ds.dtype)
+            dh = mu * ds
+    return loss, g
+
+
+class AdamW:
+    """torch.optim.AdamW's update (defaults betas, eps; amsgrad off), parameter by parameter."""
+
+    def __init__(self, params: dict[str, np.ndarray], lr: float, weight_decay: float) -> None:
+        self.lr, self.wd = lr, weight_decay
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        b1, b2 = BETAS
+        self.t += 1
+        bc1, bc2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        step_size = self.lr / bc1
+        for k, p in params.items():
+            gk = grads[k].astype(p.dtype, copy=False)
+            p *= 1.0 - self.lr * self.wd
+            m, v = self.m[k], self.v[k]
+            m *= b1
+            m += (1.0 - b1) * gk
+            v *= b2
+            v += (1.0 - b2) * gk * gk
+            p -= step_size * m / (np.sqrt(v) / np.sqrt(bc2) + ADAM_EPS)
+
+
+def train(
+    spec: SideNetSpec,
+    hyper: HyperParams,
+    tapped: np.ndarray,  # (N, T, d): tapped states only
+    targets: np.ndarray,  # (N, K)
+    *,
+    init: bytes | None = None,
+    on_epoch: Callable[[EpochReport], bool] | None = None,
+) -> tuple[bytes, list[EpochReport]]:
+    """Train as the server's trainer does; returns the adapter's safetensors bytes and the epochs' reports.
+    ``on_epoch`` returns False to stop (the best weights so far are returned)."""
+    w = decode_weights(init, spec) if init is not None else init_weights(spec, hyper.seed)
+    a = normalise_inputs(spec, tapped)
+    y = np.asarray(targets, dtype=np.float32)
+    opt = AdamW(w, hyper.lr, hyper.weight_decay)
+    tr, va = split(len(a), hyper)
+    best: tuple[float, dict[str, np.ndarray]] | None = None
+    reports: list[EpochReport] = []
+    for epoch in range(1, hyper.epochs + 1):
+        t0 = time.perf_counter()
+        order = tr[np.random.default_rng(hyper.seed * 1000 + epoch).permutation(len(tr))]
+        total = 0.0
+        for b in range(0, len(order), hyper.batch_size):
+            idx = order[b : b + hyper.batch_size]
+            loss, grads = loss_and_grads(spec, w, a[idx], y[idx])
+            opt.step(w, grads)
+            total += loss * len(idx)
+        val_loss = None
+        if len(va):
+            d = forward(spec, w, a[va]) - y[va]
+            val_loss = float((d * d).sum(axis=1).mean())
+            if best is None or val_loss < best[0]:
+                best = (val_loss, {k: v.copy() for k, v in w.items()})
+        report = EpochReport(epoch, total / max(len(order), 1), val_loss, time.perf_counter() - t0)
+        reports.append(report)
+        if on_epoch is not None and not on_epoch(report):
+            break
+    final = best[1] if best is not None else w
+    return encode_weights(final, spec), reports
