@@ -14,9 +14,12 @@ its targets (``DeviceSecret.targets``, K = 8, the agent's ``noise_std``), the
 server's trainer (``side_server.trainer.train``, the agent's default
 ``HyperParams``), the board's numpy forward pass for the held-out accuracy
 ``argmax(p_b + Mᵀ·g(A))``. Defences: ``none`` (``label_epsilon = inf``), ``label_dp``
-(the agent's default ε) and ``label_dp_eps1`` (ε = 1). ``board_training`` (the
-side network trained on the board, issue 12 item 2) is not built yet: it is
-left out, not guessed.
+(the agent's default ε) and ``label_dp_eps1`` (ε = 1); and, in the command,
+``board_training`` (``train_on = "board"``: the board's numpy trainer,
+``edge_agent.board_trainer.train``, on targets of the true labels without noise,
+as ``Rounds`` builds them): nothing but the board's status leaves the board, so
+every attack is null (there are no targets, activations or weights to read),
+and its ``device_cpu_s`` adds the measured training CPU to the forward passes.
 
 Attacks, each scored as accuracy against the device's TRUE labels of its
 training samples (what the server received):
@@ -190,8 +193,10 @@ class Split:
 def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int, train: int, holdout: int,
                         splits: int, hyper: HyperParams, cpu_per_sample: float, default_epsilon: float = DEFAULT_EPSILON,
                         out_dim: int = OUT_DIM, bottleneck: int = BOTTLENECK, noise_std: float = NOISE_STD,
-                        seed: int = 0, progress: Progress = print) -> dict[str, Any]:
-    """Every attack against every defence, per split; returns the per-split figures."""
+                        seed: int = 0, board_training: bool = False, progress: Progress = print) -> dict[str, Any]:
+    """Every attack against every defence, per split; returns the per-split figures.
+    ``board_training`` adds the board-only defence (trained on the board, nothing sent)."""
+    from edge_agent.board_trainer import train as board_train
     from side_server.trainer import train as server_train
 
     n, states_per_sample, width = dev.states.shape
@@ -201,6 +206,8 @@ def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int
     taps = tuple(default_taps(states_per_sample - 1))
     spec = SideNetSpec(num_states=states_per_sample, width=width, taps=taps, bottleneck=bottleneck, out_dim=out_dim)
     chosen = defences(default_epsilon)
+    if board_training:
+        chosen["board_training"] = {"epsilon": None, "train_on": "board"}
     per: dict[str, dict[str, Any]] = {name: {"task_accuracy": [], "device_cpu_s": [], "keep": [],
                                              "attacks": {a: [] for a in ATTACKS}} for name in chosen}
     prior = dev.prior.astype(np.float64)
@@ -227,6 +234,22 @@ def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int
         for name, params in chosen.items():
             eps = params["epsilon"]
             secret = DeviceSecret.generate(out_dim, rng)
+            if params.get("train_on") == "board":
+                c0 = time.process_time()
+                targets = secret.targets(y_tr, dev.prior[sp.train], 0.0, rng)
+                blob, _ = board_train(spec, hyper, tapped[sp.train], targets)
+                board_cpu = time.process_time() - c0
+                g_te = SideNetForward.from_bytes(spec, blob)(dev.states[sp.holdout])
+                acc = float(np.mean((prior[sp.holdout] + secret.unmix(g_te, c)).argmax(1) == dev.labels[sp.holdout]))
+                row = per[name]
+                row["task_accuracy"].append(acc)
+                row["device_cpu_s"].append(cpu_per_sample * train + board_cpu)
+                row["keep"].append(1.0)
+                for k in ATTACKS:
+                    row["attacks"][k].append(None)  # nothing left the board
+                progress(f"split {s + 1}/{splits}: {name}: task {acc:.3f}, board training {board_cpu:.1f} CPU-s, "
+                         "nothing sent")
+                continue
             c0 = time.process_time()
             z = randomize(y_tr, c, math.inf if eps is None else eps, rng)
             targets = secret.targets(z, dev.prior[sp.train], noise_std, rng)
@@ -269,7 +292,7 @@ def summarise(task: str, res: dict[str, Any], default: str = "label_dp") -> dict
     out: dict[str, Any] = {"task": task, "chance": round(res["chance"], 4), "defences": {}, "default": default}
     for name, row in res["per_split"].items():
         out["defences"][name] = {
-            "params": {} if res["params"][name]["epsilon"] is None else {"epsilon": res["params"][name]["epsilon"]},
+            "params": {k: v for k, v in res["params"][name].items() if v is not None},
             "task_accuracy": _mean(row["task_accuracy"]),
             "device_cpu_s": _mean(row["device_cpu_s"]),
             "attacks": {a: _mean(v) for a, v in row["attacks"].items()}}
@@ -286,8 +309,10 @@ def best_label_attack(d: dict[str, Any]) -> tuple[str, float] | None:
 
 def plot_svg(results: dict[str, Any], width: int = 560, height: int = 380) -> str:
     """Best label attack (y) against task accuracy (x), one point per defence: a plain SVG (no matplotlib)."""
-    pts = [(n, d["task_accuracy"], b[1]) for n, d in results["defences"].items()
-           if (b := best_label_attack(d)) is not None and d["task_accuracy"] is not None]
+    # a defence that leaves no attack anything to read (board_training) is drawn at chance
+    pts = [(n if b is not None else f"{n} (nothing sent)", d["task_accuracy"], b[1] if b is not None else results["chance"])
+           for n, d in results["defences"].items() if d["task_accuracy"] is not None
+           for b in [best_label_attack(d)]]
     xs, ys = [p[1] for p in pts] or [0.5], [p[2] for p in pts] or [0.5]
     x0, x1 = min(xs) - 0.01, max(xs) + 0.01
     y0, y1 = min(min(ys), results["chance"]) - 0.02, 1.0
@@ -352,8 +377,9 @@ def format_report(results: dict[str, Any], res: dict[str, Any], setup: dict[str,
         lines.append(f"| {a} | " + " | ".join(cell(n, a, True) for n in names) + " |")
     lines.append("| **best label attack** | " + " | ".join(
         "null" if (b := best_label_attack(d[n])) is None else f"{b[1]:.3f} ({b[0]})" for n in names) + " |")
-    lines += ["", "`board_training` (the side network trained on the board, so that no activation and no target "
-              "leaves it) is not implemented yet and is not in this table.",
+    lines += ["", "`board_training` trains the side network on the board (`train_on = \"board\"`, numpy) on targets of "
+              "the true labels: no target, activation or weight leaves the board, so no attack has anything to read "
+              "(null); its device CPU adds the training to the forward passes. The plot draws it at chance.",
               f"`text_match` chance: 1 / {setup['candidates']} candidate texts.", ""]
     return "\n".join(lines)
 
@@ -398,7 +424,7 @@ def run_privacy_bench(backbone_dir: Path, task_name: str, out_dir: Path, *, publ
     guessed = extract_all(backbone, guess, reviews, cache_dir, MAX_LENGTH, progress)
     hyper = HyperParams(epochs=epochs)
     res = privacy_on_features(dev, guessed, public=public, train=train, holdout=holdout, splits=splits, hyper=hyper,
-                              cpu_per_sample=cpu_per_sample, progress=progress)
+                              cpu_per_sample=cpu_per_sample, board_training=True, progress=progress)
     results = summarise(task_name, res)
     setup = {"backbone": backbone.fingerprint, "task": task_name, "guessed": guess_name, "public": public,
              "train": train, "holdout": holdout, "splits": splits, "epochs": epochs, "out_dim": OUT_DIM,

@@ -120,3 +120,34 @@ def test_a_board_round_sends_no_job_and_no_activations_and_lifts_accuracy(tmp_pa
     assert r1["bytes_up"] == 0 and r2["bytes_up"] == 0, (r1, r2)
     with lock:
         assert seen == [], seen
+
+
+def test_the_privacy_bench_board_training_defence_learns_and_leaves_nothing_to_attack():
+    """`sidetune bench privacy`'s board_training: the task learnt as well as without defence, every attack null."""
+    from sidetune.bench_accuracy import TaskFeatures
+    from sidetune.bench_privacy import (
+        ATTACKS,
+        format_report,
+        plot_svg,
+        privacy_on_features,
+        summarise,
+    )
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 900)
+    states = rng.normal(size=(900, 4, 16))
+    states[:, :, 0] += np.where(labels == 0, 2.0, -2.0)[:, None]
+    p0 = np.clip(rng.normal(0.85, 0.05, 900), 0.5, 0.99)
+    f = TaskFeatures(states.astype(np.float16), np.stack([p0, 1 - p0], 1).astype(np.float32), labels)
+    res = privacy_on_features(f, f, public=300, train=400, holdout=200, splits=2, hyper=HyperParams(epochs=5, lr=3e-3),
+                              cpu_per_sample=0.01, board_training=True, progress=lambda m: None)
+    out = summarise("synthetic", res)
+    board, none = out["defences"]["board_training"], out["defences"]["none"]
+    assert board["params"] == {"train_on": "board"}
+    assert set(board["attacks"]) == set(ATTACKS) and all(v is None for v in board["attacks"].values())
+    assert board["task_accuracy"] > 0.9 and abs(board["task_accuracy"] - none["task_accuracy"]) < 0.03, (board, none)
+    assert board["device_cpu_s"] > 0.01 * 400
+    setup = {"public": 300, "train": 400, "holdout": 200, "splits": 2, "backbone": "ab" * 32, "task": "synthetic",
+             "guessed": "plain", "epochs": 5, "out_dim": 8, "noise_std": 0.1, "seconds": 1.0, "candidates": 900}
+    assert "board_training (nothing sent)" in plot_svg(out)
+    assert "`board_training`" in format_report(out, res, setup)
