@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.schedule import EpochReport, epoch_order, split
 from schemas.spec import HyperParams, SideNetSpec
 from schemas.weights import decode_weights, encode_weights, expected_shapes
 
@@ -32,21 +32,6 @@ LN_EPS = 1e-5
 _K = np.sqrt(2.0 / np.pi)
 BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-
-
-@dataclass
-class EpochReport:
-    epoch: int
-    train_loss: float
-    val_loss: float | None
-    seconds: float
-
-
-def split(n: int, hyper: HyperParams) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation indices, as ``side_server.trainer.split``."""
-    perm = np.random.default_rng(hyper.seed).permutation(n)
-    n_val = int(round(n * hyper.val_fraction)) if n >= 10 else 0
-    return perm[n_val:], perm[:n_val]
 
 
 def _ln(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +170,7 @@ def train(
     reports: list[EpochReport] = []
     for epoch in range(1, hyper.epochs + 1):
         t0 = time.perf_counter()
-        order = tr[np.random.default_rng(hyper.seed * 1000 + epoch).permutation(len(tr))]
+        order = epoch_order(tr, hyper, epoch)
         total = 0.0
         for b in range(0, len(order), hyper.batch_size):
             idx = order[b : b + hyper.batch_size]

@@ -36,6 +36,7 @@ from schemas.base import Message
 from schemas.errors import SpecMismatch
 from schemas.jobs import CacheReport, Job
 from schemas.progress import Progress
+from schemas.schedule import EpochReport
 from schemas.status import Rejection
 from schemas.tensors import WireTensor
 from schemas.topics import topic
@@ -151,7 +152,7 @@ class Rounds:
         targets = self.model.secret.targets(labels, prior, 0.0, np.random.default_rng(0))
         init = encode_weights(self.model.adapter.forward.w, spec) if self.model.adapter is not None else None
 
-        def on_epoch(rep: board_trainer.EpochReport) -> bool:
+        def on_epoch(rep: EpochReport) -> bool:
             self.pet()
             self.ledger.set_meta("activity", f"round {rnd}: training on the board, epoch {rep.epoch}/{self.s.hyper.epochs}")
             log.info("round %d: epoch %d/%d train loss %.4f val loss %s (board)", rnd, rep.epoch, self.s.hyper.epochs,

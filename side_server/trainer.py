@@ -21,23 +21,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from schemas.schedule import EpochReport, epoch_order, split
 from schemas.spec import HyperParams, SideNetSpec
 from side_server.sidenet import SideNet
-
-
-@dataclass
-class EpochReport:
-    epoch: int
-    train_loss: float
-    val_loss: float | None
-    seconds: float
-
-
-def split(n: int, hyper: HyperParams) -> tuple[np.ndarray, np.ndarray]:
-    """Train and validation indices, fixed by the job's seed."""
-    perm = np.random.default_rng(hyper.seed).permutation(n)
-    n_val = int(round(n * hyper.val_fraction)) if n >= 10 else 0
-    return perm[n_val:], perm[:n_val]
 
 
 def _optimizer(net: SideNet, hyper: HyperParams) -> torch.optim.AdamW:
@@ -141,7 +127,7 @@ def train(
     for epoch in range(pos.epoch + 1, hyper.epochs + 1):
         t0 = time.perf_counter()
         net.train()
-        order = tr[np.random.default_rng(hyper.seed * 1000 + epoch).permutation(len(tr))]
+        order = epoch_order(tr, hyper, epoch)
         first, total = (pos.step, pos.partial_loss) if epoch == pos.epoch + 1 else (0, 0.0)
         paused = False
         for b in range(first, len(order), hyper.batch_size):

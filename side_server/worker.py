@@ -25,6 +25,7 @@ from schemas.base import Message
 from schemas.errors import WireError
 from schemas.jobs import CacheReport, Job
 from schemas.progress import Progress
+from schemas.schedule import EpochReport
 from schemas.status import DeviceStatus, Rejection
 from schemas.topics import UPLINK_KINDS, Topic, subscription
 from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
@@ -34,7 +35,7 @@ from side_server.config import ServerSettings
 from side_server.inbox import FairInbox
 from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job
 from side_server.store import JobRecord, JobStore, QuotaFull, job_digest
-from side_server.trainer import EpochReport, train
+from side_server.trainer import train
 
 log = logging.getLogger("sidetune.server")
 

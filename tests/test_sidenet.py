@@ -10,8 +10,9 @@ from edge_agent.config import EdgeSettings
 from edge_agent.secret import DeviceSecret
 from edge_agent.sidenet import SideNetForward
 from schemas import HyperParams, SideNetSpec, WeightsError, decode_weights, expected_shapes
+from schemas.schedule import EpochReport
 from side_server.sidenet import SideNet
-from side_server.trainer import EpochReport, train
+from side_server.trainer import train
 
 
 def _random_net(spec: SideNetSpec, seed: int = 0) -> SideNet:
