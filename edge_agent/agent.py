@@ -76,6 +76,7 @@ class EdgeAgent:
                              stopping=self.stopping, on_installed=self._announce_soon)
         self.transport: Transport | None = None
         self._connected_now = threading.Event()  # set by paho's thread on every (re)connection
+        self._reconnected = threading.Event()  # ... and on every one but the first
         self.outbox: OutboxSender | None = None
         if connect:
             status_topic, offline = encode(self._status("offline"))
@@ -90,7 +91,6 @@ class EdgeAgent:
             )
             self.outbox = OutboxSender(self.ledger, self.transport, on_sent=self._count_up)
         self._announce = False
-        self._first_connection = True
         self._presence: dict[str, object] = {}
         self._presence_at = float("-inf")
 
@@ -130,6 +130,8 @@ class EdgeAgent:
         """paho's thread: note it; the main loop announces itself and, after a reconnect,
         asks the server again where the round stands (what was published just before a
         broker restart may not have reached a worker)."""
+        if not first:
+            self._reconnected.set()
         self._connected_now.set()
 
     def _on_message(self, item: Incoming) -> None:
@@ -198,11 +200,12 @@ class EdgeAgent:
         if self._connected_now.is_set():
             self._connected_now.clear()
             self._announce = True
-            if not self._first_connection and self.rounds.current is not None:
-                log.info("round %d: reconnected; asking the server where the round stands",
-                         self.rounds.current.number)
-                self.rounds.resend_job()
-            self._first_connection = False
+            if self._reconnected.is_set():
+                self._reconnected.clear()
+                if self.rounds.current is not None:
+                    log.info("round %d: reconnected; asking the server where the round stands",
+                             self.rounds.current.number)
+                    self.rounds.resend_job()
         if self._announce and self.transport is not None and self.transport.connected.is_set():
             self._announce = False
             t, payload = encode(self._status("online"))
