@@ -1,4 +1,5 @@
-# What a host must be, for both install scripts (sourced, not run). The caller sets PROG.
+# What a host must be, and where things are, for both install scripts (sourced, not run).
+# The caller sets PROG.
 # SIDETUNE_OS_RELEASE and SIDETUNE_ARCH stand in for /etc/os-release and `uname -m` (tests).
 
 die() { echo "$PROG: $*" >&2; exit 1; }
@@ -31,4 +32,14 @@ check_python() {
   "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && return 0
   v=$("$1" -V 2>&1) || v="missing"
   die "$1 is $v: sidetune needs Python 3.10 or newer"
+}
+
+# resolve_paths MARKER: SRC (the source folder, which holds MARKER) and ROOT (--root, if any)
+# made absolute; without --root the script must run as root.
+resolve_paths() {
+  [ -n "$SRC" ] || usage
+  SRC=$(cd "$SRC" && pwd) || die "no source folder $SRC"
+  [ -f "$SRC/pyproject.toml" ] && [ -e "$SRC/$1" ] || die "$SRC is not the sidetune source folder"
+  if [ -n "$ROOT" ]; then mkdir -p "$ROOT"; ROOT=$(cd "$ROOT" && pwd); fi
+  if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or with --root DIR)"; fi
 }

@@ -34,14 +34,10 @@ while [ $# -gt 0 ]; do
     *) [ -z "$SRC" ] || usage; SRC=$1; shift ;;
   esac
 done
-[ -n "$SRC" ] || usage
-SRC=$(cd "$SRC" && pwd) || die "no source folder $SRC"
-[ -f "$SRC/pyproject.toml" ] && [ -f "$SRC/deploy/task.example.toml" ] || die "$SRC is not the sidetune source folder"
-if [ -n "$ROOT" ]; then mkdir -p "$ROOT"; ROOT=$(cd "$ROOT" && pwd); fi
+resolve_paths deploy/task.example.toml
 # --- what this board is -----------------------------------------------------------------------
 check_os
 check_arch "a board" x86_64 aarch64 armv7l
-if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or with --root DIR)"; fi
 
 ETC=$ROOT/etc/sidetune
 UPGRADE=0

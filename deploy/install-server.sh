@@ -43,15 +43,11 @@ while [ $# -gt 0 ]; do
     *) [ -z "$SRC" ] || usage; SRC=$1; shift ;;
   esac
 done
-[ -n "$SRC" ] || usage
-SRC=$(cd "$SRC" && pwd) || die "no source folder $SRC"
-[ -f "$SRC/pyproject.toml" ] && [ -d "$SRC/broker_config" ] || die "$SRC is not the sidetune source folder"
-if [ -n "$ROOT" ]; then mkdir -p "$ROOT"; ROOT=$(cd "$ROOT" && pwd); fi
+resolve_paths broker_config
 
 # --- what this host is -----------------------------------------------------------------------
 check_os
 check_arch "the server (torch's CPU wheels)" x86_64 aarch64
-if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then die "run as root (or with --root DIR)"; fi
 
 # --- system packages and the service user (not under --root) --------------------------------
 if [ -z "$ROOT" ]; then
