@@ -5,7 +5,6 @@ Public API::
     export_backbone(model, out_dir, quantize=None, opset=17, progress=print) -> dict
     run_export(args) -> dict            # for the CLI (argparse Namespace or argv list)
     add_export_arguments(parser)        # the export options, for the CLI's subparser
-    run_bench(backbone_dir, json_path=None, ...) -> dict   (backbone_export.bench)
     ExportError                         # every user-facing failure
 
 Heavy imports (torch, transformers, onnxruntime) happen inside the functions,
@@ -27,7 +26,6 @@ __all__ = [
     "export_backbone",
     "run_export",
     "add_export_arguments",
-    "run_bench",
     "main",
 ]
 
@@ -43,13 +41,6 @@ def export_backbone(
     from .export import export_backbone as _export
 
     return _export(model, out_dir, quantize=quantize, opset=opset, progress=progress)
-
-
-def run_bench(backbone_dir: str | Path, json_path: str | Path | None = None, **kwargs: Any) -> dict:
-    """See backbone_export.bench.run_bench."""
-    from .bench import run_bench as _bench
-
-    return _bench(backbone_dir, json_path=json_path, **kwargs)
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from side_server.cache import ActivationCache, CacheFull
 from side_server.config import ServerSettings
 from side_server.inbox import FairInbox
 from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job
+from side_server.redis_client import connect
 from side_server.store import JobRecord, JobStore, QuotaFull, job_digest
 from side_server.trainer import train
 
@@ -66,8 +67,7 @@ class Worker:
     def __init__(self, settings: ServerSettings) -> None:
         self.s = settings
         self.q = settings.quotas
-        extra = {} if (pw := settings.redis_password()) is None else {"password": pw}
-        self.r = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=10, **extra)
+        self.r = connect(settings)
         self.cache = ActivationCache(self.r, settings.activation_ttl, settings.quotas.cache_bytes)
         self.store = JobStore(self.r, settings.closed_job_ttl, settings.adapters_kept)
         self.stats = Stats()

@@ -8,7 +8,7 @@ import pytest
 
 from edge_agent.backbone import Backbone
 from schemas.spec import HyperParams
-from sidetune.bench_accuracy import (
+from sidetune.bench.accuracy import (
     TaskFeatures,
     builtin_task,
     compare_on_features,

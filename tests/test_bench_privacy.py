@@ -10,8 +10,8 @@ import pytest
 
 from edge_agent.label_dp import keep_probability
 from schemas.spec import HyperParams
-from sidetune.bench_accuracy import TaskFeatures
-from sidetune.bench_privacy import ATTACKS, privacy_on_features, summarise, target_attacks
+from sidetune.bench.accuracy import TaskFeatures
+from sidetune.bench.privacy import ATTACKS, privacy_on_features, summarise, target_attacks
 from sidetune.cli import main
 
 try:

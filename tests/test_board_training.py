@@ -124,8 +124,8 @@ def test_a_board_round_sends_no_job_and_no_activations_and_lifts_accuracy(tmp_pa
 
 def test_the_privacy_bench_board_training_defence_learns_and_leaves_nothing_to_attack():
     """`sidetune bench privacy`'s board_training: the task learnt as well as without defence, every attack null."""
-    from sidetune.bench_accuracy import TaskFeatures
-    from sidetune.bench_privacy import (
+    from sidetune.bench.accuracy import TaskFeatures
+    from sidetune.bench.privacy import (
         ATTACKS,
         format_report,
         plot_svg,

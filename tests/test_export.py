@@ -425,7 +425,7 @@ def test_smollm2_export(tmp_path):
 
 
 def test_bench_onnx_engines(llama, tmp_path):
-    from backbone_export.bench import run_bench
+    from sidetune.bench.backbone import run_bench
 
     out, manifest, _ = llama
     lines: list[str] = []
@@ -458,7 +458,7 @@ def test_bench_onnx_engines(llama, tmp_path):
 
 
 def test_bench_errors(tmp_path):
-    from backbone_export.bench import run_bench
+    from sidetune.bench.backbone import run_bench
 
     with pytest.raises(ExportError, match="no readable backbone"):
         run_bench(tmp_path, progress=lambda _m: None)

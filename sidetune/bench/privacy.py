@@ -71,7 +71,7 @@ from edge_agent.label_dp import keep_probability, randomize
 from edge_agent.secret import DeviceSecret
 from edge_agent.sidenet import SideNetForward
 from schemas.spec import HyperParams, SideNetSpec
-from sidetune.bench_accuracy import BOTTLENECK, MAX_LENGTH, NOISE_STD, OUT_DIM, TaskFeatures
+from sidetune.bench.accuracy import BOTTLENECK, MAX_LENGTH, NOISE_STD, OUT_DIM, TaskFeatures
 
 Progress = Callable[[str], None]
 
@@ -395,7 +395,7 @@ def run_privacy_bench(backbone_dir: Path, task_name: str, out_dir: Path, *, publ
                       splits: int, epochs: int, cache_dir: Path, progress: Progress = print) -> dict[str, Any]:
     from edge_agent.backbone import Backbone
     from edge_agent.features import FeatureExtractor
-    from sidetune.bench_accuracy import builtin_task, extract_all
+    from sidetune.bench.accuracy import builtin_task, extract_all
     from sidetune.data import load_reviews
 
     t_start = time.perf_counter()

@@ -12,7 +12,7 @@ possible). A GGUF source is first converted to a plain safetensors copy in
 another subprocess, so torch's number is its inference memory, not the
 de-quantization transient.
 
-Command line: ``python -m backbone_export.bench BACKBONE_DIR [--json out.json]``.
+Command line: ``python -m sidetune.bench.backbone BACKBONE_DIR [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -30,15 +30,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from backbone_export.errors import ExportError
+from backbone_export.manifest import MANIFEST_NAME, ONNX_NAME, TOKENIZER_NAME, read_manifest
 from schemas.fingerprint import sha256_file
-
-from .errors import ExportError
-from .manifest import MANIFEST_NAME, ONNX_NAME, TOKENIZER_NAME, read_manifest
 
 BATCHES = (1, 8)
 SEQS = (32, 64, 128)
 ENGINES = ("onnx-fp32", "onnx-int8", "torch-eager")
-_PKG_ROOT = str(Path(__file__).resolve().parent.parent)
+_PKG_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 # -- measurement helpers (run inside the worker) ------------------------------
@@ -205,7 +204,7 @@ def _subprocess(args: list[str], threads: int, timeout: float) -> str:
         env[var] = str(threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     proc = subprocess.run(
-        [sys.executable, "-m", "backbone_export.bench", *args],
+        [sys.executable, "-m", "sidetune.bench.backbone", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -402,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--prepare"]:
         _prepare(args[1], args[2])
         return 0
-    ns = add_bench_arguments(argparse.ArgumentParser(prog="backbone_export.bench")).parse_args(args)
+    ns = add_bench_arguments(argparse.ArgumentParser(prog="sidetune.bench.backbone")).parse_args(args)
     try:
         run_bench(ns.backbone, json_path=ns.json, threads=ns.threads)
     except ExportError as e:
