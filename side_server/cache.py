@@ -145,6 +145,10 @@ class ActivationCache:
     def used(self, device: str) -> int:
         return int(cast(bytes | int | None, self.r.hget(f"st:usage:{device}", "cache_bytes")) or 0)
 
+    def samples(self, device: str) -> int:
+        """Entries charged to the device: its cached samples (until the next prune or reconcile)."""
+        return int(cast(int, self.r.hlen(self._index(device)[1])))
+
     def missing(self, device: str, keys: tuple[str, ...] | list[str]) -> list[str]:
         out: list[str] = []
         for start in range(0, len(keys), 1000):
