@@ -4,11 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from schemas.base import Fingerprint, Message, MsgId, Text
+from schemas.limits import MAX_JOB_SAMPLES
 
 Version = Annotated[str, StringConstraints(max_length=64)]
+
+
+class RoundSummary(BaseModel):
+    """What the board's last finished round took and gave (the operator's views: ``sidetune
+    fleet``, the dashboard). Figures the board counted itself; ``holdout_accuracy`` only when
+    the board has a held-out file (``holdout_file``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    round: int = Field(ge=1, le=2**31)
+    samples: int = Field(default=0, ge=0, le=MAX_JOB_SAMPLES)
+    forward_passes: int = Field(default=0, ge=0, le=2**40)
+    bytes_up: int = Field(default=0, ge=0, le=2**50)
+    bytes_down: int = Field(default=0, ge=0, le=2**50)
+    seconds: float = Field(default=0.0, ge=0, le=1e9, allow_inf_nan=False)
+    holdout_accuracy: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    adapter_version: int = Field(default=0, ge=0, le=2**31)
+    finished_at: float = Field(default=0.0, ge=0, le=1e11)
 
 
 class DeviceStatus(Message):
@@ -18,6 +37,8 @@ class DeviceStatus(Message):
     agent_version: Version
     adapter_version: int = Field(default=0, ge=0, le=2**31)
     backbone_fingerprint: Fingerprint | None = None
+    #: The last round the board finished (None: none yet, or a board from before this field).
+    last_round: RoundSummary | None = None
 
 
 RejectCode = Literal[
