@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sidetune.broker import register as add_broker_commands
 
     add_broker_commands(sub)
+    from sidetune.dashboard import register as add_dashboard_command
+
+    add_dashboard_command(sub)
     return p
 
 
