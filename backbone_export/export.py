@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from schemas.fingerprint import sha256_file
-
-from .errors import ExportError
-from .load import CAUSAL, LoadedModel, load_model
-from .locate import locate_model
-from .manifest import (
+from schemas.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     ONNX_NAME,
     TOKENIZER_NAME,
-    write_json_atomic,
+    BackboneManifest,
 )
+
+from .errors import ExportError
+from .load import CAUSAL, LoadedModel, load_model
+from .locate import locate_model
 from .onnx_export import INPUT_NAMES, export_onnx, verify_onnx
 from .quantize import check_quantize, quantize_int8
 
@@ -118,7 +118,7 @@ def export_backbone(
     quantize: str | None = None,
     opset: int = 17,
     progress: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> BackboneManifest:
     """Export MODEL into out_dir; return the manifest (also written as manifest.json).
 
     MODEL: ``smollm2-135m``, a Hugging Face model directory, or a .gguf file.
@@ -199,7 +199,7 @@ def export_backbone(
         import transformers
 
         archs = list(getattr(cfg, "architectures", None) or [])
-        manifest: dict[str, Any] = {
+        fields: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
             "onnx_file": ONNX_NAME,
@@ -234,6 +234,7 @@ def export_backbone(
             "export_seconds": round(time.perf_counter() - started, 2),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        manifest = BackboneManifest.model_validate(fields)
         # Replace the files; the manifest last, so a crash in between leaves a
         # fingerprint mismatch (refused by the runtime), never a silent mix.
         stale = out / MANIFEST_NAME
@@ -241,8 +242,8 @@ def export_backbone(
             stale.unlink()
         os.replace(tmp / TOKENIZER_NAME, out / TOKENIZER_NAME)
         os.replace(final, out / ONNX_NAME)
-        write_json_atomic(out / MANIFEST_NAME, manifest)
+        manifest.write(out)
     progress(
-        f"wrote {out / ONNX_NAME} (fingerprint {fingerprint[:16]}...) in {manifest['export_seconds']:.1f} s"
+        f"wrote {out / ONNX_NAME} (fingerprint {fingerprint[:16]}...) in {manifest.export_seconds:.1f} s"
     )
     return manifest

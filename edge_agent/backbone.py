@@ -10,7 +10,6 @@ Only numpy, onnxruntime, tokenizers and the standard library: no torch here.
 from __future__ import annotations
 
 import ctypes
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,13 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from schemas.errors import ConfigurationError
 from schemas.fingerprint import sha256_file
+from schemas.manifest import BackboneError, BackboneManifest, read_manifest
 
-MANIFEST_NAME = "manifest.json"
-DEFAULT_ONNX = "backbone.onnx"
-DEFAULT_TOKENIZER = "tokenizer.json"
-REQUIRED_KEYS = ("fingerprint", "num_layers", "hidden_size", "vocab_size", "pivot", "pad_token_id")
+__all__ = ["Backbone", "BackboneError", "read_manifest", "release_freed_memory"]
+
 
 
 def release_freed_memory() -> None:
@@ -39,62 +36,25 @@ def release_freed_memory() -> None:
         pass
 
 
-class BackboneError(ConfigurationError):
-    """The backbone folder is missing, corrupt, or does not match its manifest."""
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """manifest.json of a backbone folder, checked for the keys the runtime needs."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise BackboneError(f"backbone folder {str(d)!r} does not exist")
-    path = d / MANIFEST_NAME
-    if not path.is_file():
-        raise BackboneError(f"backbone folder {str(d)!r} has no {MANIFEST_NAME} (export one first)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BackboneError(f"corrupt manifest {str(path)!r}: {e}") from e
-    if not isinstance(manifest, dict):
-        raise BackboneError(f"corrupt manifest {str(path)!r}: not a JSON object")
-    missing = [k for k in REQUIRED_KEYS if manifest.get(k) is None]
-    if missing:
-        raise BackboneError(f"corrupt manifest {str(path)!r}: missing {', '.join(missing)}")
-    if manifest["pivot"] not in ("last", "first"):
-        raise BackboneError(f"corrupt manifest {str(path)!r}: unknown pivot {manifest['pivot']!r}")
-    fp = manifest["fingerprint"]
-    if not (isinstance(fp, str) and len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)):
-        raise BackboneError(
-            f"corrupt manifest {str(path)!r}: fingerprint is not a sha256 hex digest"
-        )
-    for k in ("num_layers", "hidden_size", "vocab_size", "pad_token_id"):
-        if not isinstance(manifest[k], int) or isinstance(manifest[k], bool) or manifest[k] < 0:
-            raise BackboneError(
-                f"corrupt manifest {str(path)!r}: {k} must be a non-negative integer"
-            )
-    return manifest
-
-
 class Backbone:
     """A loaded backbone: tokenizer + ONNX Runtime session + manifest."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], tokenizer: Any, session: Any):
+    def __init__(self, directory: Path, manifest: BackboneManifest, tokenizer: Any, session: Any):
         self.directory = directory
         self.manifest = manifest
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
         self.session = session  # onnxruntime.InferenceSession
-        self.fingerprint: str = manifest["fingerprint"]
-        self.num_layers: int = int(manifest["num_layers"])
-        self.hidden_size: int = int(manifest["hidden_size"])
-        self.vocab_size: int = int(manifest["vocab_size"])
-        self.pivot: str = manifest["pivot"]
-        self.pad_id: int = int(manifest["pad_token_id"])
-        self.prefix_ids: list[int] = [int(i) for i in manifest.get("prefix_ids") or []]
-        self.suffix_ids: list[int] = [int(i) for i in manifest.get("suffix_ids") or []]
-        self.add_bos: bool = bool(manifest.get("add_bos", False))
-        self.quantization: str | None = manifest.get("quantization")
-        mp = manifest.get("max_position_embeddings")
-        self.max_positions: int | None = int(mp) if isinstance(mp, int) and mp > 0 else None
+        self.fingerprint: str = manifest.fingerprint
+        self.num_layers: int = manifest.num_layers
+        self.hidden_size: int = manifest.hidden_size
+        self.vocab_size: int = manifest.vocab_size
+        self.pivot: str = manifest.pivot
+        self.pad_id: int = manifest.pad_token_id
+        self.prefix_ids: list[int] = list(manifest.prefix_ids)
+        self.suffix_ids: list[int] = list(manifest.suffix_ids)
+        self.add_bos: bool = manifest.add_bos
+        self.quantization: str | None = manifest.quantization
+        self.max_positions: int | None = manifest.max_positions
         outputs = [o.name for o in session.get_outputs()]
         self._outputs = ["pivot_states"] + (["pivot_logits"] if "pivot_logits" in outputs else [])
         self.has_logits = "pivot_logits" in self._outputs
@@ -108,17 +68,17 @@ class Backbone:
 
         d = Path(directory).expanduser()
         manifest = read_manifest(d)
-        onnx_path = d / str(manifest.get("onnx_file") or DEFAULT_ONNX)
-        tok_path = d / str(manifest.get("tokenizer_file") or DEFAULT_TOKENIZER)
+        onnx_path = d / manifest.onnx_file
+        tok_path = d / manifest.tokenizer_file
         for p in (onnx_path, tok_path):
             if not p.is_file():
                 raise BackboneError(f"backbone folder {str(d)!r} lacks {p.name}")
         if verify:
             actual = sha256_file(onnx_path)
-            if actual != manifest["fingerprint"]:
+            if actual != manifest.fingerprint:
                 raise BackboneError(
                     f"fingerprint mismatch: {onnx_path.name} has sha256 {actual[:16]}..., "
-                    f"the manifest says {manifest['fingerprint'][:16]}... (re-export the backbone)"
+                    f"the manifest says {manifest.fingerprint[:16]}... (re-export the backbone)"
                 )
         try:
             tokenizer = Tokenizer.from_file(str(tok_path))
@@ -226,7 +186,7 @@ class Backbone:
 
     def __repr__(self) -> str:
         return (
-            f"Backbone({str(self.directory)!r}, {self.manifest.get('model_type')}, "
+            f"Backbone({str(self.directory)!r}, {self.manifest.model_type}, "
             f"layers={self.num_layers}, width={self.hidden_size}, pivot={self.pivot}, "
             f"quantization={self.quantization}, fingerprint={self.fingerprint[:12]}...)"
         )

@@ -155,7 +155,7 @@ class TaskSpec:
     def verbalizer_ids(self, backbone: Any) -> list[int]:
         """One token id per class; TaskError unless each verbalizer is exactly one known token."""
         tok = backbone.tokenizer
-        unk = backbone.manifest.get("unk_token_id") if hasattr(backbone, "manifest") else None
+        unk = getattr(getattr(backbone, "manifest", None), "unk_token_id", None)
         ids: list[int] = []
         for cls_name, word in zip(self.classes, self.verbalizers, strict=True):
             enc = tok.encode(word, add_special_tokens=False)

@@ -44,7 +44,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from backbone_export import export_backbone
 
     manifest = export_backbone(args.model, Path(args.out), quantize=args.quantize)  # ExportError: exit 2
-    print(f"exported {manifest['source']} → {args.out} (fingerprint {manifest['fingerprint'][:16]}…)")
+    print(f"exported {manifest.source} → {args.out} (fingerprint {manifest.fingerprint[:16]}…)")
     return EXIT_OK
 
 

@@ -102,7 +102,7 @@ def test_edge_runtime_works_without_torch(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["states"] == [2, manifest["num_layers"] + 1, manifest["hidden_size"]]
+    assert out["states"] == [2, manifest.num_layers + 1, manifest.hidden_size]
     assert len(out["prior"]) == 2 and all(abs(sum(p) - 1) < 1e-5 for p in out["prior"])
     assert len(set(out["keys"])) == 2
     assert out["taps"] == [3, 4]

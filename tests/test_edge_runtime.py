@@ -70,7 +70,7 @@ def task() -> TaskSpec:
 
 def test_load_attributes(bb, llama_dir):
     m = json.loads((llama_dir / "manifest.json").read_text())
-    assert bb.manifest == m
+    assert bb.manifest.to_json() == m
     assert (
         bb.fingerprint
         == m["fingerprint"]
@@ -119,14 +119,14 @@ def test_encode_causal_truncation_keeps_suffix_and_bos(bb):
     words = " ".join(["good"] * 50 + ["bad"] * 5)
     text = f"Review: {words}\nSentiment:"
     full = bb.encode([text], max_length=256)[0]
-    assert full[0] == bb.manifest["bos_token_id"] and len(full) == 1 + 2 + 55 + 2
+    assert full[0] == bb.manifest.bos_token_id and len(full) == 1 + 2 + 55 + 2
     cut = bb.encode([text], max_length=10)[0]
     assert len(cut) == 10
-    assert cut[0] == bb.manifest["bos_token_id"]  # BOS survives
+    assert cut[0] == bb.manifest.bos_token_id  # BOS survives
     assert cut[1:] == full[-9:]  # the end of the prompt survives
     assert bb.tokenizer.decode(cut[-2:]) == "Sentiment :"
     short = bb.encode(["good"], max_length=10)[0]
-    assert short == [bb.manifest["bos_token_id"], bb.tokenizer.token_to_id("good")]
+    assert short == [bb.manifest.bos_token_id, bb.tokenizer.token_to_id("good")]
     with pytest.raises(ValueError, match="no room"):
         bb.encode(["good"], max_length=1)
     with pytest.raises(TypeError):
@@ -136,7 +136,7 @@ def test_encode_causal_truncation_keeps_suffix_and_bos(bb):
 
 
 def test_encode_encoder_truncation_keeps_prefix(enc):
-    cls, sep = enc.manifest["cls_token_id"], enc.manifest["sep_token_id"]
+    cls, sep = enc.manifest.cls_token_id, enc.manifest.sep_token_id
     text = " ".join(["good"] * 5 + ["bad"] * 50)
     full = enc.encode([text], max_length=128)[0]
     assert full[0] == cls and full[-1] == sep and len(full) == 57
@@ -347,7 +347,7 @@ def test_extract_encoder_uniform_prior(enc, task):
     assert f.states.shape == (len(TEXTS), 3, 32)
     np.testing.assert_array_equal(f.prior, np.full((len(TEXTS), 3), 1 / 3, np.float32))
     assert all(
-        t[0] == enc.manifest["cls_token_id"] and t[-1] == enc.manifest["sep_token_id"]
+        t[0] == enc.manifest.cls_token_id and t[-1] == enc.manifest.sep_token_id
         for t in f.token_ids
     )
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backbone_export import ExportError, export_backbone, main
+from backbone_export import ExportError, export_backbone
 from backbone_export.locate import locate_model
 from backbone_export.onnx_export import min_cosine, pad_batch, rel_error
+from schemas.manifest import read_manifest
 
 try:  # the same module object as the other test files use (one export cache)
     from tests.tiny_models import exported_tiny, make_tiny_llama
@@ -38,7 +39,7 @@ def llama(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        manifest["source"], attn_implementation="eager"
+        manifest.source, attn_implementation="eager"
     ).eval()
     return out, manifest, model
 
@@ -48,7 +49,7 @@ def bert(tmp_path_factory):
     out, manifest = exported_tiny(tmp_path_factory, "bert")
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(manifest["source"], attn_implementation="eager").eval()
+    model = AutoModel.from_pretrained(manifest.source, attn_implementation="eager").eval()
     return out, manifest, model
 
 
@@ -81,32 +82,33 @@ def _random_seqs(rng, n: int, vocab: int, prefix: list[int], suffix: list[int], 
 def test_manifest_llama(llama):
     out, manifest, model = llama
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk == manifest
+    assert on_disk == manifest.to_json() and read_manifest(out) == manifest
+    assert on_disk["format_version"] == 1
     onnx_bytes = (out / "backbone.onnx").read_bytes()
-    assert manifest["fingerprint"] == hashlib.sha256(onnx_bytes).hexdigest()
-    assert manifest["onnx_bytes"] == len(onnx_bytes)
+    assert manifest.fingerprint == hashlib.sha256(onnx_bytes).hexdigest()
+    assert manifest.onnx_bytes == len(onnx_bytes)
     cfg = model.config
-    assert manifest["num_layers"] == cfg.num_hidden_layers == 4
-    assert manifest["hidden_size"] == cfg.hidden_size == 32
-    assert manifest["vocab_size"] == cfg.vocab_size
-    assert manifest["pivot"] == "last"
-    assert manifest["kind"] == "causal"
-    assert manifest["model_type"] == "llama"
-    assert manifest["opset"] == 17
-    assert manifest["dtype"] == "float32"
-    assert manifest["quantization"] is None
-    assert manifest["has_logits"] is True
-    assert manifest["outputs"] == ["pivot_states", "pivot_logits"]
-    assert manifest["bos_token_id"] == 1 and manifest["eos_token_id"] == 2
-    assert manifest["pad_token_id"] == 3
+    assert manifest.num_layers == cfg.num_hidden_layers == 4
+    assert manifest.hidden_size == cfg.hidden_size == 32
+    assert manifest.vocab_size == cfg.vocab_size
+    assert manifest.pivot == "last"
+    assert manifest.kind == "causal"
+    assert manifest.model_type == "llama"
+    assert manifest.opset == 17
+    assert manifest.dtype == "float32"
+    assert manifest.quantization is None
+    assert manifest.has_logits is True
+    assert manifest.outputs == ("pivot_states", "pivot_logits")
+    assert manifest.bos_token_id == 1 and manifest.eos_token_id == 2
+    assert manifest.pad_token_id == 3
     assert (
-        manifest["add_bos"] is True
-        and manifest["prefix_ids"] == [1]
-        and manifest["suffix_ids"] == []
+        manifest.add_bos is True
+        and manifest.prefix_ids == (1,)
+        and manifest.suffix_ids == ()
     )
-    assert manifest["tokenizer_matches_source"] is True
-    assert 0 <= manifest["verify_rel_error"] <= 1e-4
-    assert manifest["verify_logits_rel_error"] <= 1e-4
+    assert manifest.tokenizer_matches_source is True
+    assert 0 <= manifest.verify_rel_error <= 1e-4
+    assert manifest.verify_logits_rel_error <= 1e-4
     # only the three files (no external data, no temp leftovers)
     assert sorted(p.name for p in out.iterdir()) == [
         "backbone.onnx",
@@ -121,7 +123,7 @@ def test_tokenizer_json_alone(llama):
 
     out, manifest, _ = llama
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    hf = AutoTokenizer.from_pretrained(manifest["source"])
+    hf = AutoTokenizer.from_pretrained(manifest.source)
     for text in ["Review: a great film !\nSentiment:", "unknownword good", "positive negative"]:
         assert tok.encode(text).ids == hf(text)["input_ids"]
     assert tok.encode(" positive", add_special_tokens=False).tokens == ["positive"]
@@ -137,24 +139,24 @@ def test_graph_io(llama, bert):
             assert i.type == "tensor(int64)"
             assert all(isinstance(d, str) for d in i.shape)  # dynamic batch and sequence
         outs = {o.name: o for o in sess.get_outputs()}
-        assert list(outs) == manifest["outputs"]
+        assert tuple(outs) == manifest.outputs
         st = outs["pivot_states"]
         assert st.type == "tensor(float)"
-        assert st.shape[1:] == [manifest["num_layers"] + 1, manifest["hidden_size"]]
+        assert st.shape[1:] == [manifest.num_layers + 1, manifest.hidden_size]
         assert isinstance(st.shape[0], str)
-        if manifest["has_logits"]:
-            assert outs["pivot_logits"].shape[1:] == [manifest["vocab_size"]]
+        if manifest.has_logits:
+            assert outs["pivot_logits"].shape[1:] == [manifest.vocab_size]
 
 
 def test_manifest_bert(bert):
     out, manifest, model = bert
-    assert manifest["pivot"] == "first" and manifest["kind"] == "encoder"
-    assert manifest["has_logits"] is False and manifest["outputs"] == ["pivot_states"]
-    assert manifest["num_layers"] == 2 and manifest["hidden_size"] == 32
-    assert manifest["prefix_ids"] == [manifest["cls_token_id"]]
-    assert manifest["suffix_ids"] == [manifest["sep_token_id"]]
-    assert manifest["add_bos"] is False
-    assert manifest["verify_rel_error"] <= 1e-4
+    assert manifest.pivot == "first" and manifest.kind == "encoder"
+    assert manifest.has_logits is False and manifest.outputs == ("pivot_states",)
+    assert manifest.num_layers == 2 and manifest.hidden_size == 32
+    assert manifest.prefix_ids == (manifest.cls_token_id,)
+    assert manifest.suffix_ids == (manifest.sep_token_id,)
+    assert manifest.add_bos is False
+    assert manifest.verify_rel_error <= 1e-4
 
 
 # -- parity -------------------------------------------------------------------
@@ -165,9 +167,9 @@ def test_manifest_bert(bert):
 def test_llama_parity(llama, batch, side):
     out, manifest, model = llama
     rng = np.random.default_rng(batch * 7 + (side == "left"))
-    seqs = _random_seqs(rng, batch, manifest["vocab_size"], manifest["prefix_ids"], [])
+    seqs = _random_seqs(rng, batch, manifest.vocab_size, list(manifest.prefix_ids), [])
     ref_states, ref_logits = _reference(model, seqs, "last", True)
-    got = _run(_session(out / "backbone.onnx"), seqs, manifest["pad_token_id"], side)
+    got = _run(_session(out / "backbone.onnx"), seqs, manifest.pad_token_id, side)
     assert got["pivot_states"].dtype == np.float32
     assert got["pivot_states"].shape == (batch, 5, 32)
     assert rel_error(got["pivot_states"], ref_states) <= 1e-4
@@ -195,13 +197,13 @@ def test_bert_parity(bert, batch, side):
     seqs = _random_seqs(
         rng,
         batch,
-        manifest["vocab_size"],
-        manifest["prefix_ids"],
-        manifest["suffix_ids"],
+        manifest.vocab_size,
+        list(manifest.prefix_ids),
+        list(manifest.suffix_ids),
         max_len=30,
     )
     ref_states, _ = _reference(model, seqs, "first", False)
-    got = _run(_session(out / "backbone.onnx"), seqs, manifest["pad_token_id"], side)
+    got = _run(_session(out / "backbone.onnx"), seqs, manifest.pad_token_id, side)
     assert set(got) == {"pivot_states"}
     assert rel_error(got["pivot_states"], ref_states) <= 1e-4
 
@@ -212,14 +214,14 @@ def test_bert_parity(bert, batch, side):
 def test_int8_export(tmp_path_factory, llama):
     fp_out, fp_manifest, _ = llama
     out, manifest = exported_tiny(tmp_path_factory, "llama", quantize="int8")
-    assert manifest["quantization"] == "int8"
-    assert manifest["dtype"] == "float32"  # inputs/outputs stay fp32
+    assert manifest.quantization == "int8"
+    assert manifest.dtype == "float32"  # inputs/outputs stay fp32
     data = (out / "backbone.onnx").read_bytes()
-    assert manifest["fingerprint"] == hashlib.sha256(data).hexdigest() != fp_manifest["fingerprint"]
-    assert manifest["verify_fp32_rel_error"] <= 1e-4
+    assert manifest.fingerprint == hashlib.sha256(data).hexdigest() != fp_manifest.fingerprint
+    assert manifest.verify_fp32_rel_error <= 1e-4
     # Every layer's pivot state close to torch's (seeds 0-19 of the tiny llama:
     # 0.984-0.997 with 7-bit weights, on a CPU with or without VNNI).
-    assert manifest["verify_cosine_min"] > 0.95
+    assert manifest.verify_cosine_min > 0.95
     import onnx
     from onnx import numpy_helper
 
@@ -238,7 +240,7 @@ def test_int8_export(tmp_path_factory, llama):
     ]
     assert weights and all(w.dtype == np.int8 and np.abs(w).max() <= 64 for w in weights)
     rng = np.random.default_rng(3)
-    seqs = _random_seqs(rng, 4, manifest["vocab_size"], [1], [])
+    seqs = _random_seqs(rng, 4, manifest.vocab_size, [1], [])
     a = _run(_session(out / "backbone.onnx"), seqs, 3, "right")
     b = _run(_session(fp_out / "backbone.onnx"), seqs, 3, "right")
     assert a["pivot_states"].shape == b["pivot_states"].shape
@@ -263,14 +265,14 @@ def test_progress_and_reexport(tmp_path, llama):
     _, manifest, _ = llama
     lines: list[str] = []
     out = tmp_path / "again"
-    m2 = export_backbone(manifest["source"], out, progress=lines.append)
+    m2 = export_backbone(manifest.source, out, progress=lines.append)
     text = "\n".join(lines)
     for word in ("loading", "exporting", "verifying", "wrote"):
         assert word in text
-    assert m2["fingerprint"] == manifest["fingerprint"]  # deterministic export
+    assert m2.fingerprint == manifest.fingerprint  # deterministic export
     # exporting again into the same folder replaces the files cleanly
-    m3 = export_backbone(manifest["source"], out, progress=lambda _m: None)
-    assert m3["fingerprint"] == m2["fingerprint"]
+    m3 = export_backbone(manifest.source, out, progress=lambda _m: None)
+    assert m3.fingerprint == m2.fingerprint
     assert sorted(p.name for p in out.iterdir()) == [
         "backbone.onnx",
         "manifest.json",
@@ -309,9 +311,9 @@ def test_unwritable_out_dir(tmp_path, llama):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(ExportError, match="output folder"):
-        export_backbone(manifest["source"], blocker / "sub", progress=lambda _m: None)
+        export_backbone(manifest.source, blocker / "sub", progress=lambda _m: None)
     with pytest.raises(ExportError, match="not a directory"):
-        export_backbone(manifest["source"], blocker, progress=lambda _m: None)
+        export_backbone(manifest.source, blocker, progress=lambda _m: None)
 
 
 def test_unwritable_out_dir_permissions(tmp_path, llama):
@@ -325,7 +327,7 @@ def test_unwritable_out_dir_permissions(tmp_path, llama):
     ro.chmod(0o500)
     try:
         with pytest.raises(ExportError, match="not writable|cannot create"):
-            export_backbone(manifest["source"], ro, progress=lambda _m: None)
+            export_backbone(manifest.source, ro, progress=lambda _m: None)
     finally:
         ro.chmod(0o700)
 
@@ -354,17 +356,21 @@ def test_bad_quantization(tmp_path, llama):
     _, manifest, _ = llama
     with pytest.raises(ExportError, match="unknown quantization"):
         export_backbone(
-            manifest["source"], tmp_path / "o", quantize="int4", progress=lambda _m: None
+            manifest.source, tmp_path / "o", quantize="int4", progress=lambda _m: None
         )
 
 
-def test_cli_main(tmp_path, capsys, llama):
-    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+def test_sidetune_export_command(tmp_path, capsys, llama):
+    """`sidetune export` is the one command line (no `python -m backbone_export`)."""
+    from sidetune.cli import main
+
+    assert main(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "error: model not found" in capsys.readouterr().err
     _, manifest, _ = llama
-    assert main([manifest["source"], "--out", str(tmp_path / "o2"), "--quiet"]) == 0
-    assert (tmp_path / "o2" / "manifest.json").is_file()
-    assert capsys.readouterr().out == ""
+    assert main(["export", "--model", manifest.source, "--out", str(tmp_path / "o2")]) == 0
+    assert read_manifest(tmp_path / "o2").fingerprint == manifest.fingerprint
+    assert "fingerprint" in capsys.readouterr().out
+    assert not hasattr(__import__("backbone_export"), "main")
 
 
 def test_locate_smollm2_without_import():
@@ -390,9 +396,9 @@ def test_smollm2_export(tmp_path):
 
     out = tmp_path / "smol"
     manifest = export_backbone("smollm2-135m", out, progress=lambda _m: None)
-    assert manifest["num_layers"] == 30 and manifest["hidden_size"] == 576
-    assert manifest["vocab_size"] == 49152 and manifest["pivot"] == "last"
-    assert manifest["verify_rel_error"] <= 1e-3
+    assert manifest.num_layers == 30 and manifest.hidden_size == 576
+    assert manifest.vocab_size == 49152 and manifest.pivot == "last"
+    assert manifest.verify_rel_error <= 1e-3
     src = locate_model("smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(
         str(src.directory),
@@ -410,12 +416,12 @@ def test_smollm2_export(tmp_path):
     ref_states, ref_logits = _reference(model, seqs, "last", True)
     sess = _session(out / "backbone.onnx")
     for side in ("right", "left"):
-        got = _run(sess, seqs, manifest["pad_token_id"], side)
+        got = _run(sess, seqs, manifest.pad_token_id, side)
         assert rel_error(got["pivot_states"], ref_states) <= 1e-3
         assert rel_error(got["pivot_logits"], ref_logits) <= 1e-3
     int8 = tmp_path / "int8.onnx"
     quantize_int8(out / "backbone.onnx", int8)
-    got8 = _run(_session(int8), seqs, manifest["pad_token_id"], "right")
+    got8 = _run(_session(int8), seqs, manifest.pad_token_id, "right")
     assert got8["pivot_states"].shape == ref_states.shape
     assert np.isfinite(got8["pivot_states"]).all()
     assert min_cosine(got8["pivot_states"][:, -1], ref_states[:, -1]) > 0.8
@@ -440,7 +446,7 @@ def test_bench_onnx_engines(llama, tmp_path):
         progress=lines.append,
     )
     assert json.loads((tmp_path / "bench.json").read_text()) == result
-    assert result["fingerprint"] == manifest["fingerprint"]
+    assert result["fingerprint"] == manifest.fingerprint
     by_engine = {e["engine"]: e for e in result["engines"]}
     assert set(by_engine) == {"onnx-fp32", "onnx-int8"}
     for e in by_engine.values():

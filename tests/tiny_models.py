@@ -17,10 +17,11 @@ wraps every text as ``[CLS] ... [SEP]``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
+
+from schemas.manifest import BackboneManifest, read_manifest
 
 # Words every test or integration test may rely on being single tokens.
 WORDS: tuple[str, ...] = tuple(
@@ -157,7 +158,7 @@ def make_tiny_bert(
                       sep_token="[SEP]", mask_token="[MASK]")
 
 
-_EXPORTS: dict[tuple[str, str | None, int], tuple[Path, dict]] = {}
+_EXPORTS: dict[tuple[str, str | None, int], tuple[Path, BackboneManifest]] = {}
 
 #: A folder of tiny backbones exported beforehand (``python -m tests.tiny_models DIR``), for test
 #: environments without torch (the board's Python 3.10 step, scripts/test-py310): DIR/llama-fp32 ...
@@ -166,7 +167,7 @@ PREBUILT_ENV = "SIDETUNE_TEST_BACKBONES"
 
 def exported_tiny(
     tmp_path_factory, kind: str = "llama", quantize: str | None = None
-) -> tuple[Path, dict]:
+) -> tuple[Path, BackboneManifest]:
     """(backbone folder, manifest) of an exported tiny model, once per pytest session.
 
     ``kind`` is "llama" or "bert"; pass pytest's ``tmp_path_factory``. With
@@ -182,7 +183,7 @@ def exported_tiny(
             if not (src / "manifest.json").exists():
                 raise FileNotFoundError(f"{src} holds no exported backbone: run python -m tests.tiny_models {prebuilt}")
             shutil.copytree(src, out, dirs_exist_ok=True)
-            manifest = json.loads((out / "manifest.json").read_text())
+            manifest = read_manifest(out)
         else:
             from backbone_export import export_backbone
 

@@ -31,8 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from backbone_export.errors import ExportError
-from backbone_export.manifest import MANIFEST_NAME, ONNX_NAME, TOKENIZER_NAME, read_manifest
 from schemas.fingerprint import sha256_file
+from schemas.manifest import (
+    ONNX_NAME,
+    TOKENIZER_NAME,
+    BackboneError,
+    BackboneManifest,
+    read_manifest,
+)
 
 BATCHES = (1, 8)
 SEQS = (32, 64, 128)
@@ -81,14 +87,14 @@ def _rss_mb() -> float:
     return v if v is not None else _maxrss_mb()
 
 
-def _inputs(manifest: dict[str, Any], batch: int, seq: int, seed: int = 0):
+def _inputs(manifest: BackboneManifest, batch: int, seq: int, seed: int = 0):
     import numpy as np
 
     rng = np.random.default_rng(seed + 1000 * batch + seq)
-    vocab = int(manifest["vocab_size"])
+    vocab = manifest.vocab_size
     low = min(100, vocab // 2)  # skip the special tokens at the start of the vocabulary
     ids = rng.integers(low, vocab, size=(batch, seq), dtype=np.int64)
-    prefix = list(manifest.get("prefix_ids") or [])
+    prefix = list(manifest.prefix_ids)
     if prefix:
         ids[:, : len(prefix)] = prefix
     return ids
@@ -115,7 +121,7 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     threads = int(cfg["threads"])
-    manifest = json.loads(Path(cfg["manifest_dir"], MANIFEST_NAME).read_text())
+    manifest = read_manifest(cfg["manifest_dir"])
     rss_start = _rss_mb()
     t0 = time.perf_counter()
     if engine.startswith("onnx"):
@@ -132,12 +138,12 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
         from transformers import AutoModel, AutoModelForCausalLM
 
         torch.set_num_threads(threads)
-        from .load import CAUSAL
-        from .wrapper import PivotWrapper
+        from backbone_export.load import CAUSAL
+        from backbone_export.wrapper import PivotWrapper
 
-        cls = AutoModelForCausalLM if manifest["kind"] == CAUSAL else AutoModel
+        cls = AutoModelForCausalLM if manifest.kind == CAUSAL else AutoModel
         model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
-        wrapper = PivotWrapper(model, manifest["kind"]).eval()
+        wrapper = PivotWrapper(model, manifest.kind or CAUSAL).eval()
 
         def make_run(ids: np.ndarray) -> Callable[[], Any]:
             x = torch.from_numpy(ids)
@@ -216,15 +222,15 @@ def _subprocess(args: list[str], threads: int, timeout: float) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def _plain_torch_copy(manifest: dict[str, Any], dest: Path, threads: int) -> str:
+def _plain_torch_copy(manifest: BackboneManifest, dest: Path, threads: int) -> str:
     """A directory torch can load quickly: the source itself, or a safetensors copy of a GGUF."""
-    if manifest.get("source_kind") == "hf":
-        for cand in (manifest.get("source_path"), manifest.get("source")):
+    if manifest.source_kind == "hf":
+        for cand in (manifest.source_path, manifest.source):
             if cand and Path(cand, "config.json").is_file():
                 return str(cand)
-        raise ExportError(f"the torch model's source {manifest.get('source')!r} is not available")
-    spec = manifest.get("source")
-    path = manifest.get("source_path")
+        raise ExportError(f"the torch model's source {manifest.source!r} is not available")
+    spec = manifest.source
+    path = manifest.source_path
     model = path if path and Path(path).is_file() else spec
     _subprocess(["--prepare", str(model), str(dest)], threads, timeout=900)
     return str(dest)
@@ -235,8 +241,8 @@ def _prepare(model: str, dest: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .load import load_model
-    from .locate import locate_model
+    from backbone_export.load import load_model
+    from backbone_export.locate import locate_model
 
     loaded = load_model(locate_model(model), attn_implementation=None)
     cfg = loaded.model.config
@@ -249,18 +255,18 @@ def _prepare(model: str, dest: str) -> None:
 
 
 def _int8_copy(src_dir: Path, dest: Path) -> Path:
-    from .quantize import quantize_int8
+    from backbone_export.quantize import quantize_int8
 
     dest.mkdir(parents=True, exist_ok=True)
-    quantize_int8(src_dir / ONNX_NAME, dest / ONNX_NAME)
+    settings = quantize_int8(src_dir / ONNX_NAME, dest / ONNX_NAME)
     shutil.copy(src_dir / TOKENIZER_NAME, dest / TOKENIZER_NAME)
-    m = read_manifest(src_dir)
-    m.update(
+    m = read_manifest(src_dir).model_copy(update=dict(
         fingerprint=sha256_file(dest / ONNX_NAME),
         quantization="int8",
+        quantization_settings=settings,
         onnx_bytes=(dest / ONNX_NAME).stat().st_size,
-    )
-    (dest / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+    ))
+    m.write(dest)
     return dest
 
 
@@ -322,7 +328,7 @@ def run_bench(
     d = Path(backbone_dir)
     try:
         manifest = read_manifest(d)
-    except (OSError, ValueError) as e:
+    except BackboneError as e:
         raise ExportError(f"no readable backbone in {str(d)!r}: {e}") from e
     unknown = set(engines) - set(ENGINES)
     if unknown:
@@ -341,7 +347,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="sidetune-bench-") as tmp_name:
         tmp = Path(tmp_name)
         dirs: dict[str, str | None] = {}
-        q = manifest.get("quantization")
+        q = manifest.quantization
         dirs["onnx-fp32"] = str(d) if not q else None
         if q == "int8":
             dirs["onnx-int8"] = str(d)
@@ -367,9 +373,9 @@ def run_bench(
                 progress(f"{engine}: skipped ({e})")
     result = {
         "backbone": str(d.resolve()),
-        "model_type": manifest.get("model_type"),
-        "source": manifest.get("source"),
-        "fingerprint": manifest.get("fingerprint"),
+        "model_type": manifest.model_type,
+        "source": manifest.source,
+        "fingerprint": manifest.fingerprint,
         "quantization": q,
         "threads": threads,
         "cpu_count": os.cpu_count(),
