@@ -49,9 +49,9 @@
              h("line", { class: "axis", x1: P.l, y1: P.t, x2: P.l, y2: H - P.b }),
              h("text", { x: P.l - 4, y: P.t + 8, "text-anchor": "end" }, yfmt(yhi)),
              h("text", { x: P.l - 4, y: H - P.b, "text-anchor": "end" }, yfmt(ylo)));
-    if (xs.length) {
-      g.append(h("text", { x: P.l, y: H - 4 }, xs[0]),
-               h("text", { x: W - P.r, y: H - 4, "text-anchor": "end" }, xs[xs.length - 1]));
+    if (xs.length) g.append(h("text", { x: P.l, y: H - 4 }, xs[0]));
+    if (xs.length > 1 && xs[xs.length - 1] !== xs[0]) {
+      g.append(h("text", { x: W - P.r, y: H - 4, "text-anchor": "end" }, xs[xs.length - 1]));
     }
     g.append(h("text", { x: (W + P.l) / 2, y: H - 4, "text-anchor": "middle" }, xlabel));
     return g;
