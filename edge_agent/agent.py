@@ -26,6 +26,7 @@ from edge_agent.backbone import Backbone
 from edge_agent.config import EdgeSettings
 from edge_agent.ingest import ingest_inbox
 from edge_agent.ledger import Ledger
+from edge_agent.metrics import EdgeMetrics, figures
 from edge_agent.model import LocalModel
 from edge_agent.outbox import OutboxSender
 from edge_agent.presence import AgentLock, write_state
@@ -35,7 +36,7 @@ from edge_agent.task import TaskSpec
 from schemas.base import Message
 from schemas.errors import WireError
 from schemas.spec import SideNetSpec
-from schemas.status import DeviceStatus
+from schemas.status import DeviceStatus, RoundSummary
 from schemas.systemd import Watchdog, notify
 from schemas.topics import DOWNLINK_KINDS, topic
 from schemas.transport import BrokerAddress, Incoming, Transport
@@ -66,6 +67,7 @@ class EdgeAgent:
         self.inbox.mkdir(exist_ok=True)
         self.ledger = Ledger(self.state_dir / "state.db")
         self.watchdog = Watchdog()
+        self.metrics = EdgeMetrics(self.state_dir, settings.metrics_port)  # <state_dir>/metrics.prom (+ a port)
         self.model.fx.on_batch = self.watchdog.pet
         # Bounded: downlinks are a handful per round plus one progress per epoch. Overflow policy:
         # the newest is dropped and logged; the round recovers (the job is sent again after
@@ -124,7 +126,19 @@ class EdgeAgent:
     def _status(self, state: str) -> DeviceStatus:
         return DeviceStatus(device_id=self.s.device_id, state=state, agent_version=__version__,  # type: ignore[arg-type]
                             adapter_version=self.model.adapter_version,
-                            backbone_fingerprint=self.model.backbone.fingerprint)
+                            backbone_fingerprint=self.model.backbone.fingerprint,
+                            last_round=self.last_round() if state == "online" else None)
+
+    def last_round(self) -> RoundSummary | None:
+        """The last round this board finished, as its status reports it (the operator's views)."""
+        done = [r for r in self.ledger.rounds() if r["state"] == "done"]
+        if not done:
+            return None
+        r = done[-1]
+        return RoundSummary(round=r["round"], samples=r["samples"] or 0, forward_passes=r["forward_passes"] or 0,
+                            bytes_up=r["bytes_up"] or 0, bytes_down=r["bytes_down"] or 0,
+                            seconds=max(0.0, r["seconds"] or 0.0), holdout_accuracy=r["tuned_accuracy"],
+                            adapter_version=r["adapter_version"] or 0, finished_at=r["finished"] or 0.0)
 
     def _connected(self, first: bool) -> None:
         """paho's thread: note it; the main loop announces itself and, after a reconnect,
@@ -166,6 +180,7 @@ class EdgeAgent:
         try:
             self.transport.start(wait=False)  # a broker that is down now is retried in the background
             self.outbox.start()
+            self.metrics.start()
             self.rounds.resume()
             notify("READY=1")
             log.info("edge agent %s up: backbone %s, adapter v%d, %d pending outbox messages, broker %s",
@@ -184,6 +199,8 @@ class EdgeAgent:
             self.outbox.stop()
             self.transport.stop()
             self._write_presence()
+            self._write_metrics(force=True)
+            self.metrics.stop()
             self.ledger.close()
             lock.release()
 
@@ -215,6 +232,16 @@ class EdgeAgent:
         else:
             self.rounds.check_timeout()
         self._write_presence()
+        self._write_metrics()
+
+    def _write_metrics(self, force: bool = False) -> None:
+        """Read the figures (every few seconds) and rewrite the metrics textfile if they changed."""
+        if not (force or self.metrics.due()):
+            return
+        self.metrics.update(figures(
+            self.ledger.rounds(), outbox=self.ledger.outbox_size(), new_samples=self.ledger.count_new(),
+            adapter_version=self.model.adapter_version, forward_rate=self.rounds.forward_rate,
+            connected=bool(self.transport and self.transport.connected.is_set() and not self.stopping.is_set())))
 
     def _write_presence(self, every: float = 60.0) -> None:
         """Rewrite ``agent.json`` when what it says changes (and once a minute): not every turn,

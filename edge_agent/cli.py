@@ -22,7 +22,7 @@ from schemas.settings import load_settings
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(EdgeSettings, args.config)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format, device=settings.device_id)
     cmd = args.edge_cmd
     if cmd == "train":
         return _train(settings)

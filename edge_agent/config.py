@@ -63,6 +63,12 @@ class EdgeSettings(FileThenEnv):
     #: in the second between its restart and the workers' re-subscription.
     round_timeout: float = Field(default=120.0, gt=0)
     log_level: str = "INFO"
+    #: ``text`` (journald-friendly lines) or ``json`` (one object per line: time, level, logger,
+    #: message, device, job).
+    log_format: Literal["text", "json"] = "text"
+    #: The agent's metrics are written to ``<state_dir>/metrics.prom`` (node_exporter's textfile
+    #: format) whatever this says; a port other than 0 also serves them on 127.0.0.1 (``/metrics``).
+    metrics_port: int = Field(default=0, ge=0, lt=65536)
 
     @field_validator("device_id")
     @classmethod

@@ -78,6 +78,7 @@ class Rounds:
         self.on_installed = on_installed
         self.current: Round | None = None
         self._holdout: Holdout | None = None
+        self.forward_rate: float | None = None  # forward passes per second in the last round (edge_agent/metrics.py)
 
     # ------------------------------------------------------------ start, resume, resend
 
@@ -99,6 +100,8 @@ class Rounds:
             passes += len(part)
             self.ledger.set_meta("activity", f"forward passes {passes}/{len(fresh)}")
             log.info("forward passes: %d/%d", passes, len(fresh))
+        if passes:
+            self.forward_rate = passes / max(time.time() - t0, 1e-6)
         if self.s.train_on == "board":
             return self._train_on_board(t0, passes, time.process_time() - cpu0)
         rng = np.random.default_rng(int.from_bytes(uuid.uuid4().bytes[:8], "little"))

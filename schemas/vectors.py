@@ -20,7 +20,7 @@ from schemas.base import Message
 from schemas.jobs import CacheReport, Job
 from schemas.progress import Progress
 from schemas.spec import HyperParams, SideNetSpec
-from schemas.status import DeviceStatus, Rejection
+from schemas.status import DeviceStatus, Rejection, RoundSummary
 from schemas.tensors import WireTensor
 from schemas.weights import encode_weights, expected_shapes
 from schemas.wire import encode
@@ -65,7 +65,10 @@ def example_messages() -> dict[str, Message]:
             code="bad_checksum", reason="blob 0 fails its checksum: corrupted in transit",
         ),
         "status": DeviceStatus(**_common(7), state="online", agent_version="0.1.0", adapter_version=1,
-                               backbone_fingerprint=FINGERPRINT),
+                               backbone_fingerprint=FINGERPRINT,
+                               last_round=RoundSummary(round=1, samples=4, forward_passes=4, bytes_up=1234,
+                                                       bytes_down=567, seconds=2.5, holdout_accuracy=0.75,
+                                                       adapter_version=1, finished_at=1763999999.0)),
     }
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger("sidetune.server")
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(ServerSettings, args.config)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     from side_server.worker import Worker
 
     worker = Worker(settings)

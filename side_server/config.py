@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
@@ -95,6 +96,14 @@ class ServerSettings(FileThenEnv):
     adapters_kept: int = Field(default=3, ge=1)
     torch_threads: int = Field(default=1, ge=1)
     log_level: str = "INFO"
+    #: ``text`` (journald-friendly lines) or ``json`` (one object per line: time, level, logger,
+    #: message, device, job).
+    log_format: Literal["text", "json"] = "text"
+    #: Prometheus ``/metrics`` and ``/healthz`` of this worker on this port (0: off). Each worker
+    #: on a host needs its own (the systemd unit can set SIDETUNE_SERVER_METRICS_PORT per instance).
+    metrics_port: int = Field(default=0, ge=0, lt=65536)
+    #: The address they listen on: loopback unless a scraper elsewhere must reach them.
+    metrics_host: str = "127.0.0.1"
 
     def broker_password_value(self) -> str:
         return read_secret(f"server account {self.broker_username}", self.broker_password,

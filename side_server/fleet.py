@@ -224,21 +224,22 @@ class FleetLog:
         except redis.RedisError as e:
             self._dropped(f"epoch {epoch} of {device}/{job_id}", e)
 
-    def rejection(self, device: str | None, code: str, reason: str) -> None:
-        """One rejected message (``device`` None: its topic named none)."""
+    def rejection(self, device: str | None, code: str, reason: str, count: int = 1) -> None:
+        """``count`` messages rejected with ``code`` (``device`` None: the topic named none);
+        ``reason`` is the last one's."""
         now = time.time()
         minute = int(now // 60) * 60
         try:
             pipe = self.r.pipeline(transaction=False)
             bucket = _minute_key(minute)
-            pipe.hincrby(bucket, code, 1)
+            pipe.hincrby(bucket, code, count)
             pipe.expire(bucket, BUCKET_TTL)
             pipe.zadd(REJECTION_MINUTES, {str(minute): minute})
             pipe.zremrangebyscore(REJECTION_MINUTES, "-inf", minute - BUCKET_TTL)
             pipe.expire(REJECTION_MINUTES, BUCKET_TTL)
             if device is not None:
                 totals = _dk(device, "rejections")
-                pipe.hincrby(totals, code, 1)
+                pipe.hincrby(totals, code, count)
                 pipe.expire(totals, self.retention)
                 last = _dk(device, "last_rejections")
                 pipe.lpush(last, json.dumps({"code": code, "reason": reason[:500], "at": now}))

@@ -22,7 +22,7 @@ import torch
 from schemas.activations import ActivationBatch
 from schemas.adapter import AdapterUpdate
 from schemas.base import Message
-from schemas.errors import WireError
+from schemas.errors import UnavailableError, WireError
 from schemas.jobs import CacheReport, Job
 from schemas.progress import Progress
 from schemas.schedule import EpochReport
@@ -32,7 +32,9 @@ from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
 from schemas.wire import decode, encode
 from side_server.cache import ActivationCache, CacheFull
 from side_server.config import ServerSettings
+from side_server.fleet import FleetLog
 from side_server.inbox import FairInbox
+from side_server.metrics import MetricsServer, WorkerMetrics
 from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job
 from side_server.redis_client import connect
 from side_server.store import JobRecord, JobStore, QuotaFull, job_digest
@@ -71,6 +73,10 @@ class Worker:
         self.cache = ActivationCache(self.r, settings.activation_ttl, settings.quotas.cache_bytes)
         self.store = JobStore(self.r, settings.closed_job_ttl, settings.adapters_kept)
         self.stats = Stats()
+        self.metrics = WorkerMetrics()  # served on metrics_port by start() (side_server/metrics.py)
+        self.fleet = FleetLog(self.r)  # what `sidetune fleet` and the dashboard show (side_server/fleet.py)
+        self.metrics_server: MetricsServer | None = None
+        self._rate_unreported: dict[str, int] = {}  # quota_rate drops not yet in the fleet's counts
         self.inbox = FairInbox()  # round robin by device: one device's burst does not hold back the others
         self.stopping = threading.Event()
         self.transport = Transport(
@@ -102,13 +108,22 @@ class Worker:
     def start(self) -> Worker:
         torch.set_num_threads(self.s.torch_threads)
         self.r.ping()
+        self.fleet.limits(self.q.cache_bytes, self.q.jobs_in_flight)
+        if self.s.metrics_port:
+            try:
+                self.metrics_server = MetricsServer(self, self.s.metrics_host, self.s.metrics_port).start()
+            except OSError as e:
+                raise UnavailableError(f"cannot serve metrics on {self.s.metrics_host}:{self.s.metrics_port}: "
+                                       f"{e.strerror or e}") from None
         self.transport.start()
         for target, name in ((self._ingest_loop, "ingest"), (self._train_loop, "train")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        log.info("worker %s up: broker %s:%d, redis %s", self.s.worker_id, self.s.broker_host,
-                 self.s.broker_port, self.s.redis_url)
+        log.info("worker %s up: broker %s:%d, redis %s%s", self.s.worker_id, self.s.broker_host,
+                 self.s.broker_port, self.s.redis_url.rpartition("@")[2],
+                 f", metrics on http://{self.s.metrics_host}:{self.metrics_server.port}/metrics"
+                 if self.metrics_server else "")
         return self
 
     def stop(self) -> None:
@@ -116,6 +131,8 @@ class Worker:
         for t in self._threads:
             t.join(timeout=30)
         self.transport.stop(end_session=True)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         self.r.close()
 
     def _connected(self, first: bool) -> None:
@@ -155,6 +172,7 @@ class Worker:
                 item = self.inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._count_in(item)
             while not self.stopping.is_set():
                 try:
                     self.handle(item)
@@ -168,6 +186,14 @@ class Worker:
             else:
                 return  # stopping: leave it unacknowledged, the broker redelivers it
             self.transport.ack(item.mid)
+
+    def _count_in(self, item: Incoming) -> None:
+        try:
+            kind = Topic.parse(item.topic).kind
+        except WireError:
+            kind = "invalid"
+        self.metrics.messages_in.labels(kind).inc()
+        self.metrics.bytes_in.labels(kind).inc(len(item.payload))
 
     def handle(self, item: Incoming) -> None:
         """Handle one incoming message; every rejection is answered, nothing raises but Redis
@@ -216,6 +242,9 @@ class Worker:
             return True
         self.stats.rejected += 1
         self.stats.by_code["quota_rate"] = self.stats.by_code.get("quota_rate", 0) + 1
+        self.metrics.rejections.labels("quota_rate", device).inc()
+        # the fleet's records count the drops with the next answered one (at most one a second)
+        self._rate_unreported[device] = self._rate_unreported.get(device, 0) + 1
         if answer:
             reason = str(OverQuota("quota_rate", self.q.messages_per_second,
                                    f"more than {self.q.message_burst} messages at once; this one was dropped, "
@@ -227,10 +256,16 @@ class Worker:
         if not counted:
             self.stats.rejected += 1
             self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
-        log.info("rejected %r: %r (%s)", topic[:120], reason[:300], code)
         try:
-            device = Topic.parse(topic).device_id
+            device: str | None = Topic.parse(topic).device_id
         except WireError:
+            device = None
+        log.info("rejected %r: %r (%s)", topic[:120], reason[:300], code, extra={"device": device})
+        if not counted:
+            self.metrics.rejections.labels(code, device or "").inc()
+        n = self._rate_unreported.pop(device, 1) if counted and device is not None else 1
+        self.fleet.rejection(device, code, reason, count=n)
+        if device is None:
             return  # no device to answer
         self._send(Rejection(device_id=device, ref_topic=topic[:256], ref_msg_id=ref,
                              code=code, reason=reason[:2000]))  # type: ignore[arg-type]
@@ -238,6 +273,8 @@ class Worker:
     def _send(self, msg: Message, retain: bool = False) -> None:
         topic, payload = encode(msg)
         self.transport.publish(topic, payload, retain=retain)
+        self.metrics.messages_out.labels(msg.KIND).inc()
+        self.metrics.bytes_out.labels(msg.KIND).inc(len(payload))
 
     def on_status(self, msg: DeviceStatus) -> None:
         try:
@@ -245,6 +282,8 @@ class Worker:
                                                    "adapter_version": msg.adapter_version, "at": msg.sent_at})
         except redis.OutOfMemoryError:
             log.debug("status of %s not stored: redis is full", msg.device_id)
+        self.fleet.status(msg.device_id, msg.state, msg.agent_version, msg.adapter_version, msg.backbone_fingerprint,
+                          msg.sent_at, msg.last_round.model_dump() if msg.last_round is not None else None)
 
     def on_job(self, job: Job) -> None:
         rec = self.store.get(job.device_id, job.job_id)
@@ -267,7 +306,12 @@ class Worker:
                             f"the device's jobs in flight hold {e.used} bytes of records, this one needs "
                             f"{cost.records} more") from None
         if created:
-            log.info("job %s/%s: %d samples, %d to upload", job.device_id, job.job_id, len(job.keys), len(missing))
+            log.info("job %s/%s: %d samples, %d to upload", job.device_id, job.job_id, len(job.keys), len(missing),
+                     extra={"device": job.device_id, "job": job.job_id})
+            self.metrics.jobs.labels("waiting").inc()
+            self.metrics.cache_hits.inc(len(job.keys) - len(missing))
+            self.metrics.cache_misses.inc(len(missing))
+            self.fleet.job(job.device_id, job.job_id, samples=len(job.keys), epochs=job.hyper.epochs)
             self._send(CacheReport(device_id=job.device_id, job_id=job.job_id, total=len(job.keys),
                                    missing=tuple(missing)))
         else:  # a twin delivery won the race
@@ -321,6 +365,7 @@ class Worker:
                             f"the device has {e.used} bytes of activations cached, this batch needs {e.batch} more; "
                             "nothing of it was stored") from None
         self.stats.samples_cached += len(batch.keys)
+        self.metrics.samples_cached.inc(len(batch.keys))
         left = self.store.received(dev, jid, batch.keys)
         if left < 0:
             return  # closed meanwhile
@@ -381,6 +426,8 @@ class Worker:
             try:
                 self.run_slice(device, job_id)
             finally:
+                self.metrics.trained(device)
+                self.metrics.train_seconds.inc(time.monotonic() - t0)
                 self.store.charge_service(device, time.monotonic() - t0)
             clean = True
         except (redis.RedisError, TransportError):
@@ -395,9 +442,10 @@ class Worker:
                 self.store.release(device, job_id, self.s.worker_id, clean=clean)
 
     def _give_up(self, device: str, job_id: str, reason: str) -> None:
-        log.warning("job %s/%s failed: %s", device, job_id, reason)
+        log.warning("job %s/%s failed: %s", device, job_id, reason, extra={"device": device, "job": job_id})
         self._loaded.pop((device, job_id), None)
         self.store.fail(device, job_id, reason)
+        self._closed(device, job_id, "failed", reason=reason)
         self._send(Progress(device_id=device, job_id=job_id, state="failed", detail=reason[:2000]))
 
     def reap(self) -> None:
@@ -413,8 +461,17 @@ class Worker:
                 continue
             reason = f"abandoned: nothing heard from the device for {silent:.0f} s while the job waited for its uploads"
             if self.store.abandon(dev, jid, reason):
-                log.info("job %s/%s %s", dev, jid, reason)
+                log.info("job %s/%s %s", dev, jid, reason, extra={"device": dev, "job": jid})
+                self._closed(dev, jid, "failed", reason=reason)
                 self._send(Progress(device_id=dev, job_id=jid, state="failed", detail=reason))
+
+    def _closed(self, device: str, job_id: str, state: str, reason: str = "", version: int | None = None) -> None:
+        """Count a job this worker ended, and record its end for the fleet's views."""
+        self.metrics.jobs.labels(state).inc()
+        created = self.fleet.created_at(device, job_id)
+        if created is not None:
+            self.metrics.job_seconds.observe(max(0.0, time.time() - created))
+        self.fleet.job_state(device, job_id, state, reason=reason, adapter_version=version)
 
     def _others_waiting(self, device: str, job_id: str, running: float) -> bool:
         """Whether another ready job waits for a worker whose device is owed a turn: it got less
@@ -453,12 +510,14 @@ class Worker:
         if states is None:  # evicted or expired since: ask the board again
             log.info("job %s/%s: %d cached samples are gone; asking again", device, job_id, len(gone))
             self.store.need(device, job_id, gone)
+            self.fleet.job_state(device, job_id, "waiting")
             self._send(CacheReport(device_id=device, job_id=job_id, total=rec.samples, missing=tuple(gone)))
             return
         if targets is None:
             self._give_up(device, job_id, "the job's records are damaged (targets missing); send it again")
             return
         self.store.set_state(device, job_id, "training")
+        self.fleet.job_state(device, job_id, "training")
         init = self.store.adapter(device, rec.base_version) if rec.base_version else None
         ckpt = self.store.checkpoint(device, job_id)
         t0 = time.perf_counter()
@@ -489,6 +548,9 @@ class Worker:
         def on_epoch(rep: EpochReport, blob: bytes) -> bool:
             nonlocal stopped
             self.stats.epochs_trained += 1
+            self.metrics.epochs.inc()
+            self.metrics.training(device, rep.epoch, rep.train_loss)
+            self.fleet.epoch(device, job_id, rep.epoch, rep.train_loss, rep.val_loss)
             if self.stopping.is_set() or not self.store.renew(device, job_id, self.s.worker_id, self.s.lease_seconds):
                 stopped = True
                 return False
@@ -521,10 +583,11 @@ class Worker:
                                  backbone_fingerprint=rec.fingerprint, spec=rec.spec, weights=weights,
                                  metrics=metrics), retain=True)
         self.store.finish(device, job_id)
+        self._closed(device, job_id, "done", version=version)
         self._loaded.pop((device, job_id), None)
         self.stats.jobs_trained += 1
         self._send(Progress(device_id=device, job_id=job_id, state="done", epoch=epochs, epochs=epochs,
                             train_loss=metrics.get("train_loss"), val_loss=metrics.get("val_loss"),
                             samples_cached=rec.samples, samples_total=rec.samples,
                             detail=f"adapter version {version} published"))
-        log.info("job %s/%s done: adapter v%d", device, job_id, version)
+        log.info("job %s/%s done: adapter v%d", device, job_id, version, extra={"device": device, "job": job_id})
