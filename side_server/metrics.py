@@ -91,8 +91,6 @@ class WorkerMetrics:
                                  registry=reg)
         self.inbox = Gauge("sidetune_inbox_messages", "Messages waiting in this worker's queue", registry=reg)
         self.broker_up = Gauge("sidetune_broker_connected", "1 while connected to the broker", registry=reg)
-        self.redis_up = Gauge("sidetune_redis_up", "1 if Redis answered the last scrape or health check",
-                              registry=reg)
 
     def training(self, device: str, epoch: int, loss: float) -> None:
         self.train_loss.labels(device).set(loss)
@@ -116,9 +114,7 @@ class _FleetGauges(Collector):
     def collect(self) -> Iterable[Any]:
         from side_server.fleet import DEVICES
 
-        m = self.w.metrics
-        m.inbox.set(len(self.w.inbox))
-        m.broker_up.set(1 if self.w.transport.connected.is_set() else 0)
+        up = GaugeMetricFamily("sidetune_redis_up", "1 if Redis answered this scrape")
         try:
             active = self.w.store.active()
             ready = self.w.store.ready()
@@ -127,9 +123,11 @@ class _FleetGauges(Collector):
             devices = sorted({d.decode() for d in known} | {d for d, _ in active})
             cached = [(d, self.w.cache.used(d), self.w.cache.samples(d)) for d in devices]
         except redis.RedisError:
-            m.redis_up.set(0)
+            up.add_metric([], 0)
+            yield up
             return
-        m.redis_up.set(1)
+        up.add_metric([], 1)
+        yield up
         jobs = GaugeMetricFamily("sidetune_jobs", "Jobs open, by state (waiting for uploads, ready for a worker, "
                                  "training)", labels=["state"])
         n_training = sum(leased)
@@ -153,6 +151,8 @@ class MetricsServer:
 
     def __init__(self, worker: Worker, host: str, port: int) -> None:
         self.worker = worker
+        worker.metrics.inbox.set_function(lambda: len(worker.inbox))
+        worker.metrics.broker_up.set_function(lambda: 1 if worker.transport.connected.is_set() else 0)
         worker.metrics.registry.register(_FleetGauges(worker))
         outer = self
 
@@ -204,7 +204,6 @@ class MetricsServer:
         except redis.RedisError as e:
             redis_ok = False
             why = f"redis unreachable: {e}"
-        w.metrics.redis_up.set(1 if redis_ok else 0)
         if not broker:
             why = "not connected to the broker" + (f"; {why}" if why else "")
         why = why or w.health()

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quantize", choices=["int8"], default=None)
     exp.set_defaults(func=cmd_export)
 
+    from sidetune.fleet import register as add_fleet_command
+
+    add_fleet_command(sub)
     from sidetune.bench import register as add_bench_commands
 
     add_bench_commands(sub)
