@@ -135,6 +135,8 @@ def _add_demo_options(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--backbone", default=None, help="exported backbone folder (exported on first use)")
     demo.add_argument("--workdir", default=None, help="where state and logs go (a temporary folder by default)")
     demo.add_argument("--json", default=None, help="write the results as JSON here")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="leave broker, Redis, worker, agents and dashboard up after the rounds, until Ctrl-C")
 
 
 def _version() -> str:

@@ -6,6 +6,12 @@ and N edge agents run as separate ``sidetune`` processes, each agent with its
 own shard of the Rotten Tomatoes snippets and its own held-out shard. Two
 rounds: round 1 on each device's first samples, round 2 after fresh samples
 arrive (round 1's samples then come from the server's cache).
+
+The worker serves its Prometheus metrics (``metrics_port`` in the work folder's ``server.toml``)
+and ``sidetune dashboard`` runs beside it, its URL printed at the start. With ``--keep-running``
+everything stays up after the rounds (broker, Redis, worker, agents, dashboard) so a person can
+look at it and run ``sidetune fleet --config WORKDIR/server.toml``, until Ctrl-C or SIGTERM stops
+it all.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 from edge_agent.ledger import Ledger
 from schemas.errors import SidetuneError, UsageError
 from sidetune.data import Review, load_reviews, shards
-from sidetune.services import SERVER_USER, Mosquitto, RedisServer
+from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port
 
 # SmolLM2-135M-Instruct's own chat format. Its pivot states separate fresh from rotten better than
 # a plain "Review: {text}\nSentiment:" prompt does (README, "The demo's prompt").
@@ -92,13 +98,22 @@ def run_demo(args: argparse.Namespace) -> int:
     cache = RedisServer(work / "redis").start()
     print(f"[demo] mosquitto on 127.0.0.1:{broker.port}, redis-server on 127.0.0.1:{cache.port}")
     procs: list[subprocess.Popen[bytes]] = []
+    metrics_port = free_port()
+    dash_port = free_port()
+    while dash_port == metrics_port:
+        dash_port = free_port()
     try:
         server_conf = work / "server.toml"
         server_conf.write_text(
             f'broker_port = {broker.port}\nbroker_username = "{SERVER_USER}"\n'
             f'broker_password = "{accounts[SERVER_USER]}"\nredis_url = "{cache.url}"\n'
-            f'worker_id = "demo-worker-1"\ntorch_threads = 1\nshare_group = "w-{secrets.token_hex(16)}"\n')
+            f'worker_id = "demo-worker-1"\ntorch_threads = 1\nshare_group = "w-{secrets.token_hex(16)}"\n'
+            f'metrics_port = {metrics_port}\n')
         procs.append(_spawn(["server", "--config", str(server_conf)], work / "server.log"))
+        dash_log = work / "dashboard.log"
+        procs.append(_spawn(["dashboard", "--config", str(server_conf), "--port", str(dash_port)], dash_log))
+        print(f"[demo] dashboard: {_dashboard_url(dash_log, procs)}  (live, read-only)")
+        print(f"[demo] worker metrics: http://127.0.0.1:{metrics_port}/metrics, /healthz")
         (work / "task.toml").write_text(TASK)
         states = {}
         threads = max(1, (os.cpu_count() or 2) // args.devices)
@@ -114,6 +129,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 f'min_new_samples = 1000000\nround_timeout = 900\n\n[hyper]\nepochs = {args.epochs}\n')
             procs.append(_spawn(["edge", "run", "--config", str(conf)], work / f"{dev}.log"))
             states[dev] = state
+        _wait_healthy(metrics_port, procs)  # a job sent before the worker subscribed would wait for round_timeout
         first = max(1, args.samples * 5 // 8)
         results: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
         for rnd, (lo, hi) in enumerate(((0, first), (first, args.samples)), start=1):
@@ -137,6 +153,8 @@ def run_demo(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
             print(f"[demo] wrote {args.json}")
         ok = all(r["state"] == "done" for d in devices for r in results[d])
+        if args.keep_running:
+            _keep_running(procs, server_conf)
         return 0 if ok else 1
     finally:
         for p in procs:
@@ -155,6 +173,58 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+class _Stop(Exception):
+    """SIGTERM while everything is kept running: stop as on Ctrl-C."""
+
+
+def _keep_running(procs: list[subprocess.Popen[bytes]], server_conf: Path) -> None:
+    """Leave broker, Redis, worker, agents and dashboard up until Ctrl-C or SIGTERM."""
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"[demo] everything keeps running: see the dashboard above, or `sidetune fleet --config {server_conf}`; "
+          "Ctrl-C (or SIGTERM) stops it all", flush=True)
+    try:
+        while True:
+            _alive(procs)
+            time.sleep(1.0)
+    except (KeyboardInterrupt, _Stop):
+        print("[demo] stopping: agents, dashboard, worker, redis-server, mosquitto", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, _terminate)
+
+
+def _wait_healthy(port: int, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Until the worker's /healthz says 200 (connected to the broker, subscribed, Redis answers)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        _alive(procs)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise SidetuneError("the worker did not become healthy within 120 s; see server.log in the work folder")
+
+
+def _dashboard_url(log: Path, procs: list[subprocess.Popen[bytes]]) -> str:
+    """The URL the dashboard prints once it listens."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        _alive(procs)
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            if line.startswith("dashboard on "):
+                return line.split()[2]
+        time.sleep(0.2)
+    raise SidetuneError(f"the dashboard did not start within 60 s; see {log}")
 
 
 def _alive(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--host {args.host} is not a loopback address: the dashboard needs a bearer "
                                  "token for it (--token-file FILE, or systemd's credential dashboard-token)")
     settings = load_settings(ServerSettings, args.config)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     r = connect(settings)
     source = redis_source(r)
     try:
