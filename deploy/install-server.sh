@@ -7,7 +7,8 @@
 # SRC is the sidetune source folder (this repository). A first run makes the broker folder
 # /etc/sidetune/broker with `sidetune broker init` (CA, server certificate for every --hostname,
 # accounts, configuration), puts its conf.d fragment into Debian's mosquitto and its redis.conf
-# into Debian's Redis, installs /etc/sidetune/server.toml and the unit sidetune-server@.service.
+# into Debian's Redis, installs /etc/sidetune/server.toml and the units sidetune-server@.service
+# and sidetune-dashboard.service.
 # A later run is an upgrade: the package is reinstalled, the broker's configuration re-rendered
 # (certificates and passwords kept) and the services restarted.
 #
@@ -120,6 +121,7 @@ elif grep -q '^[[:space:]]*share_group[[:space:]]*=[[:space:]]*"workers"' "$SERV
        "a share of every board's uplinks; use the secret one of $BROKER/server.toml" >&2
 fi
 install -D -m 0644 "$SRC/deploy/sidetune-server@.service" "$ROOT/etc/systemd/system/sidetune-server@.service"
+install -D -m 0644 "$SRC/deploy/sidetune-dashboard.service" "$ROOT/etc/systemd/system/sidetune-dashboard.service"
 
 if [ -n "$ROOT" ]; then
   echo "installed under $ROOT (no services started)"
@@ -134,11 +136,12 @@ systemctl daemon-reload
 systemctl enable -q mosquitto redis-server
 systemctl restart mosquitto redis-server
 if [ "$UPGRADE" = 1 ]; then
-  systemctl try-restart 'sidetune-server@*.service'
-  echo "upgraded: mosquitto, redis-server and the running sidetune-server@ workers restarted"
+  systemctl try-restart 'sidetune-server@*.service' sidetune-dashboard.service
+  echo "upgraded: mosquitto, redis-server, the running sidetune-server@ workers and the dashboard restarted"
 else
   cat <<MSG
 installed. Start two workers:   systemctl enable --now sidetune-server@1 sidetune-server@2
+The dashboard (127.0.0.1:8470): systemctl enable --now sidetune-dashboard
 Add a board:                    $SIDETUNE broker add-device BOARD_ID --dir $BROKER
 MSG
 fi
