@@ -115,7 +115,10 @@ class FleetLog:
     def limits(self, cache_bytes: int, jobs_in_flight: int) -> None:
         """The quota limits the views show use against (written by each worker at start)."""
         try:
-            self.r.hset(LIMITS, mapping={"cache_bytes": cache_bytes, "jobs_in_flight": jobs_in_flight})
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(LIMITS, mapping={"cache_bytes": cache_bytes, "jobs_in_flight": jobs_in_flight})
+            pipe.expire(LIMITS, self.retention)
+            pipe.execute()
         except redis.RedisError as e:
             self._dropped("the limits", e)
 

@@ -125,7 +125,7 @@ def _round_text(rd: dict[str, Any] | None) -> str:
         return "-"
     acc = f", acc {rd['holdout_accuracy']:.3f}" if rd.get("holdout_accuracy") is not None else ""
     return (f"#{rd['round']}: {rd['samples']} samples, {rd['forward_passes']} fwd, {_size(rd['bytes_up'])} up, "
-            f"{_size(rd['bytes_down'])} down, {rd['seconds']:.0f} s{acc}")
+            f"{_size(rd['bytes_down'])} down, {rd['seconds']:.1f} s{acc}")
 
 
 def _job_states(jobs: list[dict[str, Any]]) -> str:
