@@ -62,8 +62,9 @@ def test_metrics_during_and_after_a_real_round(tmp_path, tiny_backbone, mosquitt
     wid = f"metrics-{uuid.uuid4().hex[:8]}"
     worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], worker_id=wid,
                                           share_group=wid, metrics_port=port))
+    edge_port = free_port()
     settings = edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, upload_batch=UPLOAD_BATCH,
-                             hyper=HyperParams(epochs=EPOCHS, lr=3e-3, batch_size=32))
+                             hyper=HyperParams(epochs=EPOCHS, lr=3e-3, batch_size=32), metrics_port=edge_port)
     try:
         before = scrape(port)
         assert before["sidetune_broker_connected"] == 1 and before["sidetune_redis_up"] == 1
@@ -93,6 +94,13 @@ def test_metrics_during_and_after_a_real_round(tmp_path, tiny_backbone, mosquitt
             # the board's "online" status after its round reaches the worker too
             after = wait_for(lambda: (m := scrape(port)).get("sidetune_messages_received_total{kind=status}", 0) >= 2
                              and m, 30, "the board's status after the round")
+            # the board's own metrics, on its loopback port
+            board = wait_for(lambda: (m := scrape(edge_port)).get("sidetune_edge_rounds_total{state=done}") and m,
+                             30, "the board's metrics after its round")
+            assert isinstance(board, dict)
+            assert board["sidetune_edge_forward_passes_total"] == SAMPLES
+            assert board["sidetune_edge_forward_passes_per_second"] > 0
+            assert board["sidetune_edge_adapter_version"] == 1 and board["sidetune_edge_connected"] == 1
         assert isinstance(after, dict)
         assert after["sidetune_jobs_total{state=done}"] == 1
         assert after.get("sidetune_jobs_total{state=failed}", 0) == 0
@@ -118,6 +126,16 @@ def test_metrics_during_and_after_a_real_round(tmp_path, tiny_backbone, mosquitt
         worker.stop()
     with pytest.raises(OSError):
         get(f"http://127.0.0.1:{port}/metrics", timeout=2)  # stopped with its worker
+    with pytest.raises(OSError):
+        get(f"http://127.0.0.1:{edge_port}/metrics", timeout=2)  # ... and the board's with its agent
+    # the board's textfile (written as the agent stopped), what node_exporter would ship
+    prom = (settings.state_dir / "metrics.prom").read_text()
+    board_file = {f"{s.name}{s.labels or ''}": s.value for fam in text_string_to_metric_families(prom)
+                  for s in fam.samples}
+    assert board_file["sidetune_edge_rounds_total{'state': 'done'}"] == 1
+    assert board_file["sidetune_edge_bytes_up_total"] == r1["bytes_up"]
+    assert board_file["sidetune_edge_bytes_down_total"] == r1["bytes_down"]
+    assert board_file["sidetune_edge_outbox_messages"] == 0 and board_file["sidetune_edge_connected"] == 0
 
 
 def test_healthz_follows_redis(mosquitto, redis_server, redis_url, broker_accounts):
