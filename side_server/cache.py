@@ -5,6 +5,10 @@ sample's slice of the wire tensor, stored as received (fp16 or int8), so the
 cache costs what the wire costs. Keys carry a TTL (``volatile-lru`` may evict
 them sooner); a gone key is simply reported missing and the board asked again.
 
+Entries are ``st:act:{dev}:key``, the device id in braces (a Redis Cluster hash tag, as for
+every key of the device in side_server/store.py): a device's entries and their bookkeeping
+share one slot, so each script and pipeline here runs on one node.
+
 Each device's cached bytes are counted against its quota in the same Lua script
 that writes them (all of a batch or none of it): ``st:usage:{dev}`` field
 ``cache_bytes``, with an index of what is charged — ``st:csize:{dev}`` (raw key →
@@ -24,6 +28,7 @@ import redis
 
 from schemas.tensors import DType, WireTensor
 from side_server.quotas import CACHE_ENTRY_OVERHEAD
+from side_server.store import key
 
 _HEAD = struct.Struct("<BHH")
 _CODES = {"float32": 0, "float16": 1, "int8": 2}
@@ -31,8 +36,8 @@ _NAMES: dict[int, DType] = {0: "float32", 1: "float16", 2: "int8"}
 _ITEM = {"float32": 4, "float16": 2, "int8": 1}
 
 
-def act_key(device: str, key: str) -> str:
-    return f"st:act:{device}:{key}"
+def act_key(device: str, sample: str) -> str:
+    return key("act", device, sample)
 
 
 _PRUNE = """
@@ -104,7 +109,7 @@ class ActivationCache:
 
     @staticmethod
     def _index(device: str) -> list[str]:
-        return [f"st:usage:{device}", f"st:csize:{device}", f"st:cexp:{device}"]
+        return [key("usage", device), key("csize", device), key("cexp", device)]
 
     def put_batch(self, device: str, keys: tuple[str, ...], states: WireTensor) -> int:
         """Cache a batch; the device's cached bytes after it. Raises :class:`CacheFull` (nothing
@@ -134,16 +139,16 @@ class ActivationCache:
         before = self.used(device)
         while int(self._prune(keys=self._index(device))) == 512:
             pass
-        evicted = int(cast(dict[str, Any], self.r.info("stats")).get("evicted_keys", 0))
+        evicted = evicted_keys(self.r)
         if force or self._evicted_seen.get(device) != evicted:
             self._evicted_seen[device] = evicted
-            for chunk in _chunks(self.r.hscan_iter(f"st:csize:{device}", count=500), 500):
+            for chunk in _chunks(self.r.hscan_iter(key("csize", device), count=500), 500):
                 raw = [k for k, _ in chunk]
                 self._reconcile(keys=self._index(device) + [act_key(device, k.hex()) for k in raw], args=raw)
         return max(0, before - self.used(device))
 
     def used(self, device: str) -> int:
-        return int(cast(bytes | int | None, self.r.hget(f"st:usage:{device}", "cache_bytes")) or 0)
+        return int(cast(bytes | int | None, self.r.hget(key("usage", device), "cache_bytes")) or 0)
 
     def samples(self, device: str) -> int:
         """Entries charged to the device: its cached samples (until the next prune or reconcile)."""
@@ -153,7 +158,7 @@ class ActivationCache:
         out: list[str] = []
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.r.pipeline(transaction=False)  # one slot (the device's): one node, one round trip
             for k in chunk:
                 pipe.exists(act_key(device, k))
             out += [k for k, there in zip(chunk, pipe.execute()) if not there]
@@ -177,6 +182,14 @@ class ActivationCache:
         if gone:
             return None, gone
         return np.stack(rows), []
+
+
+def evicted_keys(r: Any) -> int:
+    """Keys Redis evicted since it started (summed over the primaries of a cluster)."""
+    info = cast(dict[str, Any], r.info("stats"))
+    if "evicted_keys" in info:
+        return int(info["evicted_keys"])
+    return sum(int(v.get("evicted_keys", 0)) for v in info.values() if isinstance(v, dict))
 
 
 def _chunks(it: Any, size: int) -> Any:

@@ -1,25 +1,39 @@
 """Job state in Redis: the store's own records of jobs, leases, checkpoints, adapters, quotas.
 
-Key space (``dev`` = device id, ``job`` = its job id). A job's records are split so that an
-activation batch reads only what it needs (the small metadata hash and its keys' membership):
+Key space (``dev`` = device id, ``job`` = its job id). The device id is written in braces, a
+Redis Cluster hash tag: every key of one device (its jobs, quotas, cache, adapters) sits in one
+slot, so every script below touches one slot, and devices spread over the slots (and nodes). A
+job's records are split so that an activation batch reads only what it needs (the small
+metadata hash and its keys' membership):
 
-* ``st:job:{dev}:{job}``      hash: state, digest, fingerprint, spec and hyper (JSON), base, n,
+* ``st:job:{dev}:job``        hash: state, digest, fingerprint, spec and hyper (JSON), base, n,
                                charge, version, attempts, reason
-* ``st:keys:{dev}:{job}``     hash: sample key (32 raw bytes) -> its row in the targets
-* ``st:targets:{dev}:{job}``  string: the targets, raw float32 ``(N, K)``
-* ``st:need:{dev}:{job}``     set: keys (hex) the cache still lacks
+* ``st:keys:{dev}:job``       hash: sample key (32 raw bytes) -> its row in the targets
+* ``st:targets:{dev}:job``    string: the targets, raw float32 ``(N, K)``
+* ``st:need:{dev}:job``       set: keys (hex) the cache still lacks
+* ``st:usage:{dev}``          hash: jobs, job_bytes, cache_bytes (the device's quotas in use)
+* ``st:lease:{dev}:job``      ``worker|expiry_ms`` of the training worker (no TTL: never evicted)
+* ``st:ckpt:{dev}:job``       safetensors checkpoint (side network + AdamW state)
+* ``st:adapter:{dev}:ver``    an adapter's weights (the newest few kept for warm starts)
+* ``st:adapter_ver:{dev}``    the device's latest adapter version
+* ``st:status:{dev}``         last status the device sent
+* ``st:rate:{dev}``           the device's token bucket (with a TTL)
+* ``st:seen:{dev}``           when the device last sent anything (abandoned jobs)
+
+and three indexes across devices, each one key (one slot) of its own:
+
 * ``st:active``               set of ``dev/job`` not closed (re-announced after a reconnect)
 * ``st:ready``                zset of ``dev/job`` whose activations are all cached (score: when)
 * ``st:service``              hash: device -> ``seconds when``: training time its jobs got,
                                halved every SERVICE_HALF_LIFE seconds (fair scheduling)
-* ``st:seen``                 zset: device -> when it last sent anything (abandoned jobs)
-* ``st:usage:{dev}``          hash: jobs, job_bytes, cache_bytes (the device's quotas in use)
-* ``st:lease:{dev}:{job}``    ``worker|expiry_ms`` of the training worker (no TTL: never evicted)
-* ``st:ckpt:{dev}:{job}``     safetensors checkpoint (side network + AdamW state)
-* ``st:adapter:{dev}:{ver}``  an adapter's weights (the newest few kept for warm starts)
-* ``st:adapter_ver:{dev}``    the device's latest adapter version
-* ``st:status:{dev}``         last status the device sent
-* ``st:rate:{dev}``           the device's token bucket (with a TTL)
+
+A script never touches an index (it would span two slots in a cluster): the indexes are kept
+next to it, in an order that a crash between the two steps cannot make lose a job. A job joins
+``st:active`` before its records are written and leaves it after it is closed (a member with
+no open job is skipped and cleaned); the job's own state and need set are the truth of its
+readiness, ``st:ready`` their index: a job is added once a script reports it ready (a crash
+before that leaves its message unacknowledged: redelivered, it is added then), removed once
+closed, and, when it waits again for samples gone from the cache, removed and checked again.
 
 No record of a live job carries a TTL, so ``volatile-lru`` never evicts one; a closed job keeps
 its small metadata hash for ``closed_job_ttl`` seconds and loses the rest at once.
@@ -51,14 +65,15 @@ SERVICE_HALF_LIFE = 600.0
 _NOW_MS = "local _t = redis.call('time'); local now = tonumber(_t[1]) * 1000 + math.floor(tonumber(_t[2]) / 1000)\n"
 
 # Create a job in one step, within the device's quotas: all of it or nothing.
+# Returns {0} it existed, {-1} too many jobs, {-2} too many bytes, {1} created, {2, when} created and ready.
 _CREATE = """#!lua
--- KEYS: job, keys, need, targets, active, usage, ready
+-- KEYS: job, keys, need, targets, usage
 -- ARGV: member, max_jobs, max_bytes, charge, n, n_meta, meta pairs..., targets, n raw keys..., missing hex keys...
-if redis.call('hexists', KEYS[1], 'state') == 1 then return 0 end
-local usage = redis.call('hmget', KEYS[6], 'jobs', 'job_bytes')
-if tonumber(usage[1] or '0') >= tonumber(ARGV[2]) then return -1 end
+if redis.call('hexists', KEYS[1], 'state') == 1 then return {0} end
+local usage = redis.call('hmget', KEYS[5], 'jobs', 'job_bytes')
+if tonumber(usage[1] or '0') >= tonumber(ARGV[2]) then return {-1} end
 local charge = tonumber(ARGV[4])
-if tonumber(usage[2] or '0') + charge > tonumber(ARGV[3]) then return -2 end
+if tonumber(usage[2] or '0') + charge > tonumber(ARGV[3]) then return {-2} end
 redis.call('del', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 local i = 7
 for j = 1, tonumber(ARGV[6]) do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
@@ -67,18 +82,14 @@ local n = tonumber(ARGV[5])
 for j = 0, n - 1 do redis.call('hset', KEYS[2], ARGV[i + j], j) end
 i = i + n
 for j = i, #ARGV do redis.call('sadd', KEYS[3], ARGV[j]) end
-redis.call('sadd', KEYS[5], ARGV[1])
-redis.call('hincrby', KEYS[6], 'jobs', 1)
-redis.call('hincrby', KEYS[6], 'job_bytes', charge)
-if i > #ARGV then
-  local t = redis.call('time')
-  redis.call('zadd', KEYS[7], 'NX', t[1], ARGV[1])
-end
-return 1
+redis.call('hincrby', KEYS[5], 'jobs', 1)
+redis.call('hincrby', KEYS[5], 'job_bytes', charge)
+if i > #ARGV then return {2, tonumber(redis.call('time')[1])} end
+return {1}
 """
 # Close a job: keep its small record a while, drop the rest, give its quota back. Idempotent.
 _CLOSE = """#!lua flags=allow-oom
--- KEYS: job, keys, need, targets, ckpt, lease, active, ready, usage; ARGV: member, state, ttl, reason, only_if
+-- KEYS: job, keys, need, targets, ckpt, lease, usage; ARGV: member, state, ttl, reason, only_if
 local st = redis.call('hget', KEYS[1], 'state')
 if not st or st == 'done' or st == 'failed' then return 0 end
 if ARGV[5] ~= '' and st ~= ARGV[5] then return 0 end
@@ -86,10 +97,8 @@ local charge = tonumber(redis.call('hget', KEYS[1], 'charge') or '0')
 redis.call('hset', KEYS[1], 'state', ARGV[2], 'reason', ARGV[4])
 redis.call('expire', KEYS[1], ARGV[3])
 redis.call('del', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
-redis.call('srem', KEYS[7], ARGV[1])
-redis.call('zrem', KEYS[8], ARGV[1])
-redis.call('hincrby', KEYS[9], 'jobs', -1)
-redis.call('hincrby', KEYS[9], 'job_bytes', -charge)
+redis.call('hincrby', KEYS[7], 'jobs', -1)
+redis.call('hincrby', KEYS[7], 'job_bytes', -charge)
 return 1
 """
 # Take a job's lease; counts an attempt (a worker killed while training never gives it back).
@@ -134,28 +143,24 @@ redis.call('hset', KEYS[1], 'state', ARGV[1])
 return 1
 """
 # Keys received: drop them from the need set; once it is empty the job is ready.
+# Returns {-1} closed, else {keys still needed, when it became ready (0: not ready, or training)}.
 _RECEIVED = """#!lua flags=allow-oom
--- KEYS: job, need, ready; ARGV: member, keys...
+-- KEYS: job, need; ARGV: keys...
 local st = redis.call('hget', KEYS[1], 'state')
-if not st or st == 'done' or st == 'failed' then return -1 end
-for i = 2, #ARGV do redis.call('srem', KEYS[2], ARGV[i]) end
+if not st or st == 'done' or st == 'failed' then return {-1, 0} end
+for i = 1, #ARGV do redis.call('srem', KEYS[2], ARGV[i]) end
 local left = redis.call('scard', KEYS[2])
-if left == 0 and st == 'waiting' then
-  local t = redis.call('time')
-  redis.call('zadd', KEYS[3], 'NX', t[1], ARGV[1])
-end
-return left
+if left == 0 and st == 'waiting' then return {0, tonumber(redis.call('time')[1])} end
+return {left, 0}
 """
-# Cached samples have gone: the job waits for them again.
+# Cached samples have gone: the job waits for them again (1: it does now).
 _NEED = """#!lua flags=allow-oom
--- KEYS: job, need, ready; ARGV: member, keys...
+-- KEYS: job, need; ARGV: keys...
 local st = redis.call('hget', KEYS[1], 'state')
 if not st or st == 'done' or st == 'failed' then return 0 end
-for i = 2, #ARGV do redis.call('sadd', KEYS[2], ARGV[i]) end
-if #ARGV > 1 then
-  redis.call('hset', KEYS[1], 'state', 'waiting')
-  redis.call('zrem', KEYS[3], ARGV[1])
-end
+for i = 1, #ARGV do redis.call('sadd', KEYS[2], ARGV[i]) end
+if #ARGV == 0 then return 0 end
+redis.call('hset', KEYS[1], 'state', 'waiting')
 return 1
 """
 _SAVE_ADAPTER = """#!lua flags=allow-oom
@@ -178,7 +183,7 @@ _RATE = """#!lua flags=allow-oom
 local t = redis.call('time')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rate, burst = tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('zadd', KEYS[2], now, ARGV[1])
+redis.call('set', KEYS[2], tostring(now))
 local b = redis.call('hmget', KEYS[1], 'tokens', 'ts', 'told')
 local tokens = tonumber(b[1]) or burst
 local ts = tonumber(b[2]) or now
@@ -255,8 +260,14 @@ def _member(device: str, job_id: str) -> str:
     return f"{device}/{job_id}"
 
 
-def _k(kind: str, device: str, job_id: str) -> str:
-    return f"st:{kind}:{device}:{job_id}"
+def key(kind: str, device: str, job_id: str | int | None = None) -> str:
+    """The name of one of a device's keys: ``st:<kind>:{<device>}[:<job id or version>]``. The braces
+    are a Redis Cluster hash tag: all of a device's keys share its slot."""
+    return f"st:{kind}:{{{device}}}" if job_id is None else f"st:{kind}:{{{device}}}:{job_id}"
+
+
+_k = key
+ACTIVE, READY, SERVICE = "st:active", "st:ready", "st:service"
 
 
 class JobStore:
@@ -293,18 +304,35 @@ class JobStore:
             "charge": charge, "attempts": 0,
         }
         keys = [_k("job", dev, jid), _k("keys", dev, jid), _k("need", dev, jid), _k("targets", dev, jid),
-                "st:active", f"st:usage:{dev}", "st:ready"]
+                _k("usage", dev)]
         args: list[Any] = [_member(dev, jid), max_jobs, max_bytes, charge, len(job.keys), len(meta)]
         for name, value in meta.items():
             args += [name, value]
         args.append(job.targets.data)  # float32 (N, K), little-endian, as it travelled
         args += [bytes.fromhex(k) for k in job.keys]
         args += missing
-        got = int(self._create(keys=keys, args=args))
-        if got < 0:
+        member = _member(dev, jid)
+        self.r.sadd(ACTIVE, member)  # first: a crash after the script must not leave a job out of the index
+        try:
+            got = cast(list[int], self._create(keys=keys, args=args))
+        except BaseException:
+            self._unindex_unless_open(dev, jid)
+            raise
+        if got[0] == 2:
+            self.r.zadd(READY, {member: got[1]}, nx=True)
+        elif got[0] < 0:
+            self._unindex_unless_open(dev, jid)
             used = self.usage(dev)
-            raise QuotaFull("jobs" if got == -1 else "bytes", used["jobs" if got == -1 else "job_bytes"])
-        return got == 1
+            raise QuotaFull("jobs" if got[0] == -1 else "bytes", used["jobs" if got[0] == -1 else "job_bytes"])
+        return got[0] > 0
+
+    def _unindex_unless_open(self, device: str, job_id: str) -> None:
+        """Take a job that was not created out of ``st:active`` (unless a twin delivery created it
+        meanwhile: checked after the removal, so the two cannot miss each other)."""
+        member = _member(device, job_id)
+        self.r.srem(ACTIVE, member)
+        if self._open(device, job_id):
+            self.r.sadd(ACTIVE, member)
 
     def get(self, device: str, job_id: str) -> JobRecord | None:
         h = cast(dict[bytes, bytes], self.r.hgetall(_k("job", device, job_id)))
@@ -336,13 +364,13 @@ class JobStore:
     def active(self) -> list[tuple[str, str]]:
         """Jobs not closed yet (any state)."""
         out = []
-        for m in cast(set[bytes], self.r.smembers("st:active")):
+        for m in cast(set[bytes], self.r.smembers(ACTIVE)):
             dev, _, job = m.decode().partition("/")
             out.append((dev, job))
         return sorted(out)
 
     def usage(self, device: str) -> dict[str, int]:
-        h = cast(dict[bytes, bytes], self.r.hgetall(f"st:usage:{device}"))
+        h = cast(dict[bytes, bytes], self.r.hgetall(_k("usage", device)))
         return {k: int(h.get(k.encode(), 0)) for k in ("jobs", "job_bytes", "cache_bytes")}
 
     def set_state(self, device: str, job_id: str, state: str) -> None:
@@ -350,22 +378,28 @@ class JobStore:
 
     def need(self, device: str, job_id: str, keys: list[str]) -> None:
         """The job lacks these keys (again): it waits for them."""
-        if keys:
-            self._need(keys=[_k("job", device, job_id), _k("need", device, job_id), "st:ready"],
-                       args=[_member(device, job_id), *keys])
+        if keys and self._need(keys=[_k("job", device, job_id), _k("need", device, job_id)], args=keys):
+            self.r.zrem(READY, _member(device, job_id))
+            # a batch that cached the last of them on another worker may have marked it ready
+            # between the script and the ZREM: look again (after the ZREM, so one of us sees it)
+            self.received(device, job_id, [])
 
     def received(self, device: str, job_id: str, keys: tuple[str, ...] | list[str]) -> int:
-        """Drop keys from the job's need set (the job is ready once it is empty); how many it still needs."""
-        return int(self._received(keys=[_k("job", device, job_id), _k("need", device, job_id), "st:ready"],
-                                  args=[_member(device, job_id), *keys]))
+        """Drop keys from the job's need set (the job is ready once it is empty); how many it still
+        needs, -1 if the job is closed."""
+        left, since = cast(list[int], self._received(keys=[_k("job", device, job_id), _k("need", device, job_id)],
+                                                     args=list(keys)))
+        if left == 0 and since:
+            self.r.zadd(READY, {_member(device, job_id): since}, nx=True)
+        return int(left)
 
     def unready(self, device: str, job_id: str) -> None:
-        self.r.zrem("st:ready", _member(device, job_id))
+        self.r.zrem(READY, _member(device, job_id))
 
     def ready(self) -> list[tuple[str, str, float]]:
         """Jobs whose samples are all cached (being trained or not): device, job, since when."""
         out = []
-        for m, score in cast(list[tuple[bytes, float]], self.r.zrange("st:ready", 0, -1, withscores=True)):
+        for m, score in cast(list[tuple[bytes, float]], self.r.zrange(READY, 0, -1, withscores=True)):
             dev, _, job = m.decode().partition("/")
             out.append((dev, job, score))
         return out
@@ -377,28 +411,61 @@ class JobStore:
         self._close(device, job_id, "failed", reason)
 
     def abandon(self, device: str, job_id: str, reason: str) -> bool:
-        """Close a job that still waits for its device's uploads (not one being trained)."""
-        return self._close(device, job_id, "failed", reason, only_if="waiting")
+        """Close a job that still waits for its device's uploads (not one being trained); a member
+        of ``st:active`` whose job is closed or gone already is dropped from the index."""
+        if self._close(device, job_id, "failed", reason, only_if="waiting"):
+            return True
+        self.forget(device, job_id)
+        return False
 
     def _close(self, device: str, job_id: str, state: str, reason: str, only_if: str = "") -> bool:
         keys = [_k(k, device, job_id) for k in ("job", "keys", "need", "targets", "ckpt", "lease")]
-        keys += ["st:active", "st:ready", f"st:usage:{device}"]
-        return bool(self._close_script(keys=keys, args=[_member(device, job_id), state, self.closed_ttl,
-                                                        reason[:2000], only_if]))
+        keys.append(_k("usage", device))
+        closed = bool(self._close_script(keys=keys, args=[_member(device, job_id), state, self.closed_ttl,
+                                                          reason[:2000], only_if]))
+        if closed or not only_if:  # after the records: a crash in between leaves a closed member, skipped
+            member = _member(device, job_id)
+            self.r.zrem(READY, member)
+            self.r.srem(ACTIVE, member)
+        return closed
+
+    def forget(self, device: str, job_id: str) -> None:
+        """Drop a member of ``st:active`` whose job is closed or gone (a step a crash left undone)."""
+        member = _member(device, job_id)
+        if self._open(device, job_id):
+            return
+        self.r.srem(ACTIVE, member)
+        self.r.zrem(READY, member)
+        if self._open(device, job_id):  # created just now (its device is back): keep it indexed
+            self.r.sadd(ACTIVE, member)
+            self.received(device, job_id, [])
+
+    def _open(self, device: str, job_id: str) -> bool:
+        st = cast(bytes | None, self.r.hget(_k("job", device, job_id), "state"))
+        return st is not None and st.decode() not in CLOSED
 
     # ------------------------------------------------------------ devices
 
     def allow_message(self, device: str, rate: float, burst: int) -> tuple[bool, bool]:
         """Take a token from the device's bucket: (allowed, whether to answer a refusal)."""
-        ok, answer = cast(list[int], self._rate(keys=[f"st:rate:{device}", "st:seen"], args=[device, rate, burst]))
+        ok, answer = cast(list[int], self._rate(keys=[_k("rate", device), _k("seen", device)],
+                                                args=[device, rate, burst]))
         return bool(ok), bool(answer)
 
     def silent_since(self, devices: list[str]) -> dict[str, float]:
         """When each device was last heard from (0: never)."""
-        if not devices:
-            return {}
-        scores = cast(list[float | None], self.r.zmscore("st:seen", devices))
-        return {d: float(s or 0.0) for d, s in zip(devices, scores)}
+        seen = self._get_each([_k("seen", d) for d in devices])
+        return {d: float(s or 0.0) for d, s in zip(devices, seen)}
+
+    def _get_each(self, names: list[str]) -> list[bytes | None]:
+        """GET of keys that may sit in different slots: a pipeline (one round trip per node)."""
+        out: list[bytes | None] = []
+        for start in range(0, len(names), 1000):
+            pipe = self.r.pipeline(transaction=False)
+            for name in names[start : start + 1000]:
+                pipe.get(name)
+            out += cast(list[bytes | None], pipe.execute())
+        return out
 
     def service(self, devices: list[str]) -> dict[str, float]:
         """Each device's recent training time (seconds, decayed by SERVICE_HALF_LIFE)."""
@@ -406,13 +473,13 @@ class JobStore:
             return {}
         now = float(self.r.time()[0])
         out = {}
-        for d, v in zip(devices, cast(list[bytes | None], self.r.hmget("st:service", devices))):
+        for d, v in zip(devices, cast(list[bytes | None], self.r.hmget(SERVICE, devices))):
             s, _, when = (v or b"0 0").decode().partition(" ")
             out[d] = float(s) * 0.5 ** (max(0.0, now - float(when or 0)) / SERVICE_HALF_LIFE)
         return out
 
     def charge_service(self, device: str, seconds: float) -> None:
-        self._charge(keys=["st:service"], args=[device, seconds, SERVICE_HALF_LIFE])
+        self._charge(keys=[SERVICE], args=[device, seconds, SERVICE_HALF_LIFE])
 
     # ------------------------------------------------------------ leases
 
@@ -434,7 +501,7 @@ class JobStore:
             return []
         now = int(self.r.time()[0]) * 1000
         out = []
-        for v in cast(list[bytes | None], self.r.mget([_k("lease", d, j) for d, j in members])):
+        for v in self._get_each([_k("lease", d, j) for d, j in members]):
             held = False
             if v is not None:
                 _, _, exp = v.decode().rpartition("|")
@@ -455,17 +522,17 @@ class JobStore:
 
     def assign_version(self, device: str, job_id: str) -> int:
         """The adapter version of this job: assigned once, the same after a crash and retry."""
-        return int(self._version(keys=[_k("job", device, job_id), f"st:adapter_ver:{device}"]))
+        return int(self._version(keys=[_k("job", device, job_id), _k("adapter_ver", device)]))
 
     def save_adapter(self, device: str, version: int, weights: bytes) -> None:
         """Keep the device's newest ``adapters_kept`` adapters (warm starts), drop the one before."""
-        self._save_adapter(keys=[f"st:adapter:{device}:{version}",
-                                 f"st:adapter:{device}:{version - self.adapters_kept}"], args=[weights])
+        self._save_adapter(keys=[_k("adapter", device, version), _k("adapter", device, version - self.adapters_kept)],
+                           args=[weights])
 
     def adapter(self, device: str, version: int) -> bytes | None:
-        b = cast(bytes | None, self.r.get(f"st:adapter:{device}:{version}"))
+        b = cast(bytes | None, self.r.get(_k("adapter", device, version)))
         return bytes(b) if b is not None else None
 
     def save_status(self, device: str, fields: dict[str, str | int | float]) -> None:
-        self.r.hset(f"st:status:{device}", mapping=cast(dict[Any, Any], fields))
+        self.r.hset(_k("status", device), mapping=cast(dict[Any, Any], fields))
 

@@ -36,6 +36,7 @@ from schemas import (
     topic,
 )
 from side_server.cache import ActivationCache
+from side_server.store import key
 from side_server.worker import Worker
 from sidetune.services import SERVER_USER
 from tests.loop_helpers import (
@@ -101,7 +102,7 @@ class Fleet:
         assert row["forward_passes"] == n, row  # no sample computed twice
         assert row["adapter_version"] == 1, row
         assert ActivationCache(self.r, 3600).missing(self.device, job_keys) == []
-        assert self.r.get(f"st:adapter_ver:{self.device}") == b"1"
+        assert self.r.get(key("adapter_ver", self.device)) == b"1"
         versions = {m.version for m in self.down.of(AdapterUpdate)}  # type: ignore[attr-defined]
         assert versions == {1}, versions
 
@@ -133,7 +134,7 @@ def mid_upload(worker: Worker, n: int = N) -> Callable[[], bool]:
 
 
 def checkpoint_epoch(r: redis.Redis, device: str, job_id: str) -> int:
-    blob = r.get(f"st:ckpt:{device}:{job_id}")
+    blob = r.get(key("ckpt", device, job_id))
     assert blob is not None, "no checkpoint in Redis"
     n = int.from_bytes(blob[:8], "little")
     return int(json.loads(blob[8 : 8 + n])["__metadata__"]["epoch"])
@@ -328,7 +329,7 @@ def test_a_job_half_written_by_a_killed_worker_is_answered_when_it_comes_again(f
         # the state a kill -9 between the HSETNX and the pipeline of JobStore.create leaves behind
         dev = mqtt_client(fleet.device, fleet.password)
         wait_until_answering(fleet, dev)
-        fleet.r.hset(f"st:job:{fleet.device}:{job.job_id}", "payload", encode(job)[1])
+        fleet.r.hset(key("job", fleet.device, job.job_id), "payload", encode(job)[1])
         dev.publish(*encode(job), qos=1).wait_for_publish(5)
         wait_for(lambda: answered(fleet, job), 3, "an answer to the job")
     finally:

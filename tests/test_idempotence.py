@@ -25,6 +25,7 @@ from schemas import (
     new_msg_id,
     topic,
 )
+from side_server.store import key
 from side_server.worker import Worker
 from tests.loop_helpers import Device, make_batch, make_job, worker_and_device
 
@@ -39,20 +40,21 @@ def fresh_envelope(msg: Message) -> bytes:
 
 
 def job_state(r: redis.Redis, device: str) -> dict[str, object]:
-    """Everything the store keeps about a device's jobs (not its cache, nor its message rate bucket)."""
+    """Everything the store keeps about a device's jobs (not its cache, nor its message rate bucket
+    and when it was last heard from)."""
     out: dict[str, object] = {}
-    for key in sorted(r.scan_iter(match=f"st:*{device}*")):
-        name = key.decode()
-        if name.startswith(("st:act:", "st:rate:")):
+    for name_b in sorted(r.scan_iter(match=f"st:*{device}*")):
+        name = name_b.decode()
+        if name.startswith(("st:act:", "st:rate:", "st:seen:")):
             continue
-        kind = r.type(key).decode()
-        out[name] = {"hash": r.hgetall, "set": r.smembers, "string": r.get, "zset": lambda k: r.zrange(k, 0, -1)}[kind](key)
+        kind = r.type(name_b).decode()
+        out[name] = {"hash": r.hgetall, "set": r.smembers, "string": r.get, "zset": lambda k: r.zrange(k, 0, -1)}[kind](name_b)
     out["st:ready"] = r.zrange("st:ready", 0, -1)
     return out
 
 
 def cached(r: redis.Redis, device: str, keys: tuple[str, ...]) -> list[bytes | None]:
-    return r.mget([f"st:act:{device}:{k}" for k in keys])
+    return r.mget([key("act", device, k) for k in keys])
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def test_a_job_published_twice_is_answered_each_time_and_stored_once(env):
     assert first.total == N and set(first.missing) == set(job.keys)
     state = job_state(r, dev.id)
     assert len(list(r.scan_iter(match="st:job:*"))) == jobs_before + 1
-    assert state[f"st:need:{dev.id}:{job.job_id}"] == {k.encode() for k in job.keys}
+    assert state[key("need", dev.id, job.job_id)] == {k.encode() for k in job.keys}
 
     again = dev.cache_report(payload, job)  # the very same bytes (a QoS 1 redelivery)
     assert (again.total, set(again.missing)) == (first.total, set(first.missing))
@@ -104,7 +106,7 @@ def test_a_job_published_twice_is_answered_each_time_and_stored_once(env):
     # half uploaded, then the job once more: only the other half is asked for, nothing else moves
     dev.progress(encode(make_batch(job, job.keys[:6]))[1], job)
     state = job_state(r, dev.id)
-    assert state[f"st:need:{dev.id}:{job.job_id}"] == {k.encode() for k in job.keys[6:]}
+    assert state[key("need", dev.id, job.job_id)] == {k.encode() for k in job.keys[6:]}
     for p in (payload, fresh_envelope(job)):
         rep = dev.cache_report(p, job)
         assert (rep.total, set(rep.missing)) == (N, set(job.keys[6:]))
@@ -138,8 +140,8 @@ def test_an_activation_batch_delivered_twice_changes_nothing_and_the_job_trains_
     assert [u.version for u in updates] == [1], updates
     assert upd.version == 1 and worker.stats.jobs_trained == 1
     assert len([m for m in dev.down.since(start, Progress) if m.state == "done"]) == 1
-    assert r.get(f"st:adapter_ver:{dev.id}") == b"1"
-    assert r.hget(f"st:job:{dev.id}:{job.job_id}", "version") == b"1"
+    assert r.get(key("adapter_ver", dev.id)) == b"1"
+    assert r.hget(key("job", dev.id, job.job_id), "version") == b"1"
     assert not dev.down.since(0, Rejection)
 
 
@@ -168,7 +170,7 @@ def test_replaying_a_finished_job_publishes_no_new_adapter(env):
         assert not dev.down.since(start, CacheReport)
         assert not dev.down.since(start, Rejection)
     assert worker.stats.jobs_trained == 1
-    assert r.get(f"st:adapter_ver:{dev.id}") == b"1"
+    assert r.get(key("adapter_ver", dev.id)) == b"1"
     assert cached(r, dev.id, job.keys) == content
     assert job_state(r, dev.id) == state
 
@@ -181,9 +183,9 @@ def test_a_resent_job_whose_samples_were_cached_by_a_dead_worker_trains(env):
     dev.cache_report(encode(job)[1], job)
     batch = make_batch(job)
     worker.cache.put_batch(dev.id, batch.keys, batch.states)  # cached, never counted
-    assert r.scard(f"st:need:{dev.id}:{job.job_id}") == N
+    assert r.scard(key("need", dev.id, job.job_id)) == N
     time.sleep(1.0)
-    assert r.hget(f"st:job:{dev.id}:{job.job_id}", "state") == b"waiting"
+    assert r.hget(key("job", dev.id, job.job_id), "state") == b"waiting"
 
     start = len(dev.down)
     rep = dev.cache_report(fresh_envelope(job), job)

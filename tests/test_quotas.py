@@ -38,7 +38,7 @@ from side_server.quotas import (
     record_bytes,
     train_memory,
 )
-from side_server.store import JobStore
+from side_server.store import JobStore, key
 from tests.loop_helpers import FINGERPRINT, SPEC, Device, make_batch, make_job, worker_and_device
 
 pytestmark = pytest.mark.integration
@@ -184,7 +184,7 @@ def test_the_cache_quota_gives_back_what_expired_or_was_evicted(redis_url):
     time.sleep(1.2)
     cache.reconcile("dev-q")
     assert cache.used("dev-q") == 0
-    assert r.hlen("st:csize:dev-q") == 0 and r.zcard("st:cexp:dev-q") == 0
+    assert r.hlen(key("csize", "dev-q")) == 0 and r.zcard(key("cexp", "dev-q")) == 0
     r.close()
 
 
@@ -220,9 +220,9 @@ def test_finished_jobs_keep_a_small_record_that_expires(env):
     at = len(dev.down)
     dev.send(make_batch(job))
     dev.down.wait(lambda m: isinstance(m, Progress) and m.job_id == job.job_id and m.state == "done", 20, "done", at)
-    names = {k.decode() for k in r.scan_iter(match=f"st:*:{dev.id}:{job.job_id}")}
-    assert names == {f"st:job:{dev.id}:{job.job_id}"}, names  # keys, targets, need set, checkpoint, lease: gone
-    assert 0 < r.ttl(f"st:job:{dev.id}:{job.job_id}") <= 2
+    names = {k.decode() for k in r.scan_iter(match=f"st:*:{{{dev.id}}}:{job.job_id}")}
+    assert names == {key("job", dev.id, job.job_id)}, names  # keys, targets, need set, checkpoint, lease: gone
+    assert 0 < r.ttl(key("job", dev.id, job.job_id)) <= 2
     assert f"{dev.id}/{job.job_id}".encode() not in r.smembers("st:active")
     # a late resend of its activations changes nothing (no TTL refreshed, nothing stored)
     ttl = r.pttl(act_key(dev.id, job.keys[0]))
@@ -231,7 +231,7 @@ def test_finished_jobs_keep_a_small_record_that_expires(env):
     dev.job_answered(make_job(dev.id, n=1))  # handled after it
     assert r.pttl(act_key(dev.id, job.keys[0])) < ttl
     time.sleep(2.2)
-    assert not r.exists(f"st:job:{dev.id}:{job.job_id}")
+    assert not r.exists(key("job", dev.id, job.job_id))
 
 
 def test_an_abandoned_job_is_closed_and_expires(env):
@@ -245,10 +245,10 @@ def test_an_abandoned_job_is_closed_and_expires(env):
                            10, "the abandoned job's end", at)
     assert isinstance(failed, Progress) and failed.detail.startswith("abandoned: nothing heard from the device")
     assert JobStore(r).usage(dev.id)["jobs"] == 0
-    assert not r.exists(f"st:need:{dev.id}:{job.job_id}", f"st:keys:{dev.id}:{job.job_id}",
-                        f"st:targets:{dev.id}:{job.job_id}")
+    assert not r.exists(key("need", dev.id, job.job_id), key("keys", dev.id, job.job_id),
+                        key("targets", dev.id, job.job_id))
     time.sleep(2.2)
-    assert not r.exists(f"st:job:{dev.id}:{job.job_id}")
+    assert not r.exists(key("job", dev.id, job.job_id))
 
 
 # --------------------------------------------------------------------------- side-network size
@@ -311,7 +311,7 @@ def test_a_full_redis_refuses_new_work_once_and_finishes_what_it_holds(env):
         time.sleep(1.5)  # a retry loop would show here
         assert worker.stats.received == handled + 1
         assert len(dev.down.since(at2, Rejection)) == 1
-        assert r.exists(f"st:job:{dev.id}:{newcomer.job_id}") == 0
+        assert r.exists(key("job", dev.id, newcomer.job_id)) == 0
         done = dev.down.wait(lambda m: isinstance(m, AdapterUpdate) and m.job_id == victim.job_id, 60,
                              "the victim's adapter while Redis is full", at)
         assert isinstance(done, AdapterUpdate) and done.version == 1
