@@ -3,6 +3,7 @@
     backbone  -- ONNX Runtime fp32/int8 versus torch eager (latency, memory)
     accuracy  -- held-out accuracy of the backbone alone, the side network, labels in the clear
     privacy   -- each attack a curious server can run against each defence, and its cost
+    fleet     -- N simulated boards against W real workers, a real broker and Redis (or a cluster)
 
 Each module keeps its heavy imports inside its functions; ``register`` only builds the parser.
 """
@@ -72,6 +73,16 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_fleet(args: argparse.Namespace) -> int:
+    from sidetune.bench.fleet import run_fleet_bench
+
+    run_fleet_bench(args.boards, args.samples, args.workers, args.cluster,
+                    json_path=Path(args.json) if args.json else None,
+                    backbone_dir=Path(args.backbone) if args.backbone else None,
+                    progress=lambda m: print(f"[fleet] {m}", flush=True))
+    return EXIT_OK
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench`` and its subcommands to the ``sidetune`` parser."""
     bench = sub.add_parser("bench", help="benchmarks that report numbers").add_subparsers(dest="bench_cmd", required=True)
@@ -104,3 +115,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--splits", type=int, default=3, help="random splits to average over")
     bp.add_argument("--epochs", type=int, default=20)
     bp.set_defaults(func=cmd_bench_privacy)
+    bf = bench.add_parser("fleet", help="N simulated boards, each a full round, against W real workers, a real "
+                                        "mosquitto and Redis (or a Redis Cluster): ingest, jobs, losses, memory")
+    bf.add_argument("--boards", type=int, default=100, help="simulated boards, each with its own device account")
+    bf.add_argument("--samples", type=int, default=200, help="samples in each board's round")
+    bf.add_argument("--workers", type=int, default=1, help="`sidetune server` worker processes")
+    bf.add_argument("--cluster", action="store_true", help="a Redis Cluster (3 masters + 3 replicas) instead of "
+                                                           "one redis-server")
+    bf.add_argument("--json", help="also write the results here")
+    bf.add_argument("--backbone", default=None,
+                    help="an exported backbone folder (the demo's SmolLM2 by default, else a tiny one)")
+    bf.set_defaults(func=cmd_bench_fleet)
