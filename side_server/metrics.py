@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, cast
@@ -119,7 +120,9 @@ class _FleetGauges(Collector):
             active = self.w.store.active()
             ready = self.w.store.ready()
             leased = self.w.store.leased([(d, j) for d, j, _ in ready])
-            known = cast(list[bytes], self.w.r.zrange(DEVICES, 0, -1))
+            # devices heard of within the activation TTL: no cache entry outlives it
+            since = time.time() - self.w.s.activation_ttl
+            known = cast(list[bytes], self.w.r.zrangebyscore(DEVICES, since, "+inf"))
             devices = sorted({d.decode() for d in known} | {d for d, _ in active})
             cached = [(d, self.w.cache.used(d), self.w.cache.samples(d)) for d in devices]
         except redis.RedisError:
