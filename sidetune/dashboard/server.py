@@ -289,6 +289,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
         self.end_headers()
         self.close_connection = True
+        if self.command == "HEAD":
+            return
         changes = self.dashboard.changes
         changes.subscribe()
         try:

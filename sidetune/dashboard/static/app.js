@@ -97,7 +97,7 @@
         const bw = opts.stacked ? w : w / g.bars.length;
         const x = opts.stacked ? x0 : x0 + j * bw;
         const y1 = Y(base + b.v), y0 = Y(base);
-        svg.append(h("rect", { class: "bar " + b.cls, x: x.toFixed(1), y: y1.toFixed(1), width: Math.max(bw, 1).toFixed(1),
+        svg.append(h("rect", { class: "col " + b.cls, x: x.toFixed(1), y: y1.toFixed(1), width: Math.max(bw, 1).toFixed(1),
                                height: Math.max(y0 - y1, 0).toFixed(1), style: b.color ? `fill:${b.color}` : null },
                      h("title", {}, `${g.xl}: ${b.name || b.cls} ${opts.yfmt(b.v, true)}`)));
         if (opts.stacked) base += b.v;
@@ -160,6 +160,9 @@
     $("no-jobs").hidden = jobs.length > 0;
   }
 
+  // accuracy on a range of whole tenths around the values: small changes stay small
+  const accRange = (v) => ({ ylo: Math.max(0, Math.floor((Math.min(...v) - 0.02) * 10) / 10),
+                             yhi: Math.min(1, Math.ceil((Math.max(...v) + 0.02) * 10) / 10) });
   function renderDevices(snap) {
     const devs = snap.devices.filter((d) => !selected || d.device === selected);
     $("devices").replaceChildren(...devs.map((d) => {
@@ -168,7 +171,8 @@
       return h("div", { class: "card device", "data-device": d.device },
         h("h3", {}, d.device, h("span", { class: "state " + (d.online ? "online" : "offline") }, d.online ? "online" : "offline")),
         acc.length ? lineChart([{ cls: "acc", pts: acc.map((r) => [r.round, r.holdout_accuracy]) }],
-                               { xlabel: "round", yfmt: (v) => fmtNum(v, 3), label: `accuracy of ${d.device}`, h: 110 })
+                               { xlabel: "round", yfmt: (v) => fmtNum(v, 2), label: `accuracy of ${d.device}`, h: 110,
+                                 ...accRange(acc.map((r) => r.holdout_accuracy)) })
                    : h("p", { class: "muted small" }, "no held-out accuracy reported yet"),
         rounds.length ? barChart(rounds.map((r) => ({ xl: r.round, bars: [{ cls: "up", name: "up", v: r.bytes_up }, { cls: "down", name: "down", v: r.bytes_down }] })),
                                  { xlabel: "round", yfmt: fmtBytes, label: `bytes per round of ${d.device}`, h: 110 }) : null,
