@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from edge_agent.agent import EdgeAgent
-from schemas import HyperParams
+from schemas import HyperParams, topic
 from sidetune.services import SERVER_USER, free_port
 from tests.loop_helpers import (
     AgentThread,
@@ -123,12 +123,16 @@ const rows = {};
 for (const tr of document.querySelectorAll('#fleet tbody tr')) {
   rows[tr.dataset.device] = {state: tr.querySelector('.state').textContent,
                              adapter: tr.querySelector('[data-label=adapter]').textContent,
-                             accuracy: tr.querySelector('.acc').textContent};
+                             accuracy: tr.querySelector('.acc').textContent,
+                             rejections: tr.querySelector('[data-label=rejections] span').firstChild.textContent};
 }
 const jobs = [...document.querySelectorAll('#jobs .job')].map(j => ({
   device: j.dataset.device, job: j.dataset.job, state: j.dataset.state, done: Number(j.dataset.epochsDone),
-  train: j.querySelectorAll('circle.pt.train').length, val: j.querySelectorAll('circle.pt.val').length}));
-return {rows, jobs, updates: Number(document.body.dataset.updates), marker: window.__sameDocument || null,
+  train: [...j.querySelectorAll('circle.pt.train')].map(c => Number(c.dataset.x)),
+  val: [...j.querySelectorAll('circle.pt.val')].map(c => Number(c.dataset.x))}));
+const rejected = {bars: document.querySelectorAll('#rejections rect.col').length,
+  last: [...document.querySelectorAll('#last-rejections tbody tr')].map(tr => [...tr.cells].map(c => c.textContent))};
+return {rows, jobs, rejected, updates: Number(document.body.dataset.updates), marker: window.__sameDocument || null,
         error: document.getElementById('error').hidden ? null : document.getElementById('error').textContent};
 """
 
@@ -178,11 +182,10 @@ def test_the_page_follows_a_round_live(tmp_path, tiny_backbone, mosquitto, redis
         page = seen[-1]
         assert page["marker"] == "loaded once" and page["error"] is None
         assert page["updates"] > first["updates"] + 2
-        # every snapshot the page rendered: each job card has one point per finished epoch
+        # every state the page rendered: each job card has one point per finished epoch, 1, 2, ... n
         for p in seen:
             for j in p["jobs"]:
-                assert j["train"] == j["done"], j
-                assert j["val"] in (0, j["done"]), j
+                assert j["train"] == list(range(1, j["done"] + 1)) and j["val"] in ([], j["train"]), j
         # the page showed the jobs while they trained (a job card before it was done)
         assert any(j["state"] != "done" for p in seen for j in p["jobs"] if j["device"] in devices), \
             "the page never showed a job before it was done"
@@ -206,6 +209,18 @@ def test_the_page_follows_a_round_live(tmp_path, tiny_backbone, mosquitto, redis
         rows = dom(browser, READ_PAGE)["rows"]
         assert {d["device"]: "online" if d["online"] else "offline" for d in snap["devices"]} == \
             {d: r["state"] for d, r in rows.items()}
+
+        # a message the server rejects: counted on the device's row, in the chart and the latest ones
+        dev = next(iter(devices))
+        mqtt_client(dev, devices[dev]).publish(topic(dev, "jobs"), b"not a message", qos=1).wait_for_publish(5)
+
+        def rejected() -> dict[str, Any] | None:
+            page = dom(browser, READ_PAGE)
+            return page if page["rows"][dev]["rejections"] == "1" and page["rejected"]["bars"] >= 1 else None
+
+        page = wait_for(rejected, 30, "the rejection on the page")  # type: ignore[assignment]
+        (when, who, code, reason), = page["rejected"]["last"]
+        assert who == dev and code and reason, page["rejected"]
 
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
         if os.environ.get("SIDETUNE_DASHBOARD_PNG"):

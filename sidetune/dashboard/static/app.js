@@ -142,7 +142,8 @@
     const jobs = snap.jobs.filter((j) => !selected || j.device === selected).slice(0, 12);
     $("jobs").replaceChildren(...jobs.map((j) => {
       const losses = j.losses || [];
-      const done = j.epochs_done || 0, total = j.epochs || 0;
+      // an epoch whose loss is recorded is finished (the record and the count are two writes)
+      const done = Math.max(j.epochs_done || 0, losses.length), total = j.epochs || 0;
       const pct = total ? Math.min(100, 100 * done / total) : (j.state === "done" ? 100 : 0);
       const series = [{ cls: "train", pts: losses.filter((l) => l.train_loss !== null).map((l) => [l.epoch, l.train_loss]) },
                       { cls: "val", pts: losses.filter((l) => l.val_loss !== null && l.val_loss !== undefined).map((l) => [l.epoch, l.val_loss]) }];
