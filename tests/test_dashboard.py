@@ -242,28 +242,24 @@ def test_the_page_follows_a_round_live(tmp_path, tiny_backbone, mosquitto, redis
 # ------------------------------------------------------------------ bind and token rules
 
 
-def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sidetune.cli", "dashboard", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def test_a_non_loopback_address_needs_a_token(tmp_path):
-    conf = tmp_path / "server.toml"
-    conf.write_text('redis_url = "redis://127.0.0.1:1/0"\n')  # never reached: the bind is refused first
+def test_a_non_loopback_address_needs_a_token(tmp_path, capsys):
+    from sidetune.cli import main
     from sidetune.dashboard.server import is_loopback
 
     assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "localhost")))
     assert not any(map(is_loopback, ("0.0.0.0", "192.0.2.7", "::", "dashboard.example.lan", "")))
-    p = run_cli("--config", str(conf), "--host", "0.0.0.0")
-    assert p.returncode == 78 and p.stderr.count("\n") == 1 and "token" in p.stderr, p.stderr
+    conf = tmp_path / "server.toml"
+    conf.write_text('redis_url = "redis://127.0.0.1:1/0"\n')  # never reached: the bind is refused first
     short = tmp_path / "short.token"
     short.write_text("abc\n")
-    p = run_cli("--config", str(conf), "--host", "0.0.0.0", "--token-file", str(short))
-    assert p.returncode == 78 and "shorter than 16" in p.stderr and p.stderr.count("\n") == 1
-    p = run_cli("--config", str(conf), "--host", "0.0.0.0", "--token-file", str(tmp_path / "none"))
-    assert p.returncode == 78 and "does not exist" in p.stderr
+    for extra, says in (([], "needs a bearer token"), (["--token-file", str(short)], "shorter than 16"),
+                        (["--token-file", str(tmp_path / "none")], "does not exist")):
+        assert main(["dashboard", "--config", str(conf), "--host", "0.0.0.0", *extra]) == 78
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
     # loopback without a token, but Redis unreachable: 69 (systemd restarts it), one line
-    p = run_cli("--config", str(conf), "--port", str(free_port()))
+    p = subprocess.run([sys.executable, "-m", "sidetune.cli", "dashboard", "--config", str(conf), "--port",
+                        str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert p.returncode == 69 and "redis" in p.stderr and p.stderr.count("\n") == 1, p.stderr
 
 
