@@ -4,6 +4,7 @@
     accuracy  -- held-out accuracy of the backbone alone, the side network, labels in the clear
     privacy   -- each attack a curious server can run against each defence, and its cost
     fleet     -- N simulated boards against W real workers, a real broker and Redis (or a cluster)
+    compare   -- sidetune against LoRA, full-activation offload and split learning: one table
 
 Each module keeps its heavy imports inside its functions; ``register`` only builds the parser.
 """
@@ -73,6 +74,34 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from edge_agent.backbone import BackboneError
+    from edge_agent.task import TaskError
+    from sidetune.bench.compare import run_compare
+    from sidetune.data import DataError
+    from sidetune.demo import default_backbone_dir, default_home
+
+    quick = args.quick
+    train = args.train if args.train is not None else (200 if quick else 1600)
+    holdout = args.holdout if args.holdout is not None else (200 if quick else 1000)
+    seeds = args.seeds if args.seeds is not None else (2 if quick else 3)
+    lora_epochs = args.lora_epochs if args.lora_epochs is not None else (1 if quick else 2)
+    if min(train, holdout, seeds) < 1 or lora_epochs < 0:
+        raise UsageError("--train, --holdout and --seeds must be positive, --lora-epochs not negative")
+    backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
+    if not (backbone / "manifest.json").exists():
+        raise UsageError(f"{backbone} holds no exported backbone: run `sidetune demo` once, or "
+                         f"`sidetune export --model smollm2-135m --out {backbone}`")
+    try:
+        run_compare(backbone, args.task or ["chat", "news"], Path(args.out), train=train, holdout=holdout, seeds=seeds,
+                    lora_epochs=lora_epochs, live=not args.no_round, int8=not args.no_int8,
+                    ingest_samples=500 if quick else 2000, cache_dir=default_home() / "features",
+                    progress=lambda m: print(f"[compare] {m}", flush=True))
+    except (BackboneError, TaskError, DataError, ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
 def cmd_bench_fleet(args: argparse.Namespace) -> int:
     from sidetune.bench.fleet import run_fleet_bench
 
@@ -115,6 +144,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--splits", type=int, default=3, help="random splits to average over")
     bp.add_argument("--epochs", type=int, default=20)
     bp.set_defaults(func=cmd_bench_privacy)
+    bc = bench.add_parser("compare", help="sidetune against on-device LoRA, full-activation offload and split "
+                                          "learning: accuracy, bytes, device CPU and memory, time to adapter")
+    bc.add_argument("--task", action="append", default=None,
+                    help="chat or plain (Rotten Tomatoes), news (news outlets, 7 classes) or a task TOML; "
+                         "repeatable; default: chat and news")
+    bc.add_argument("--train", type=int, default=None, help="training samples (default 1600; --quick 200)")
+    bc.add_argument("--holdout", type=int, default=None, help="held-out samples (default 1000; --quick 200)")
+    bc.add_argument("--seeds", type=int, default=None,
+                    help="device secrets and training seeds for the side networks (default 3; --quick 2)")
+    bc.add_argument("--lora-epochs", type=int, default=None,
+                    help="most LoRA epochs; it stops earlier once one does not improve (default 2; --quick 1; 0: skip)")
+    bc.add_argument("--out", default="bench-compare", help="folder for results.json, report.md and the plots")
+    bc.add_argument("--backbone", default=None, help="an exported fp32 backbone folder (the demo's by default)")
+    bc.add_argument("--quick", action="store_true", help="a smaller run to try it out (a few minutes)")
+    bc.add_argument("--no-round", action="store_true", help="skip the real round (no time to adapter, no server rates)")
+    bc.add_argument("--no-int8", action="store_true", help="skip the int8 graph")
+    bc.set_defaults(func=cmd_bench_compare)
     bf = bench.add_parser("fleet", help="N simulated boards, each a full round, against W real workers, a real "
                                         "mosquitto and Redis (or a Redis Cluster): ingest, jobs, losses, memory")
     bf.add_argument("--boards", type=int, default=100, help="simulated boards, each with its own device account")

@@ -24,81 +24,34 @@ one shard's luck. ``compare_on_features`` is the part that needs no backbone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_agent.backbone import Backbone
-from edge_agent.config import EdgeSettings
-from edge_agent.features import FeatureExtractor, default_taps
+from edge_agent.features import default_taps
 from edge_agent.secret import DeviceSecret
-from edge_agent.sidenet import SideNetForward
-from edge_agent.task import TaskSpec
-from schemas.files import atomic_write_with
 from schemas.spec import HyperParams, SideNetSpec
-from sidetune.data import CLASSES, Review
 
-_AGENT = EdgeSettings.model_fields  # the bench trains what an agent with default settings asks for
-OUT_DIM, BOTTLENECK, NOISE_STD = (_AGENT[k].default for k in ("out_dim", "bottleneck", "noise_std"))
-MAX_LENGTH = _AGENT["max_length"].default
-
-PLAIN_TASK = {"name": "rotten-tomatoes-plain", "template": "Review: {text}\nSentiment:",
-              "classes": list(CLASSES), "verbalizers": [" positive", " negative"]}
-CHUNK = 256
-
-Progress = Callable[[str], None]
-
-
-@dataclass
-class TaskFeatures:
-    states: np.ndarray  # float16 (N, L+1, d)
-    prior: np.ndarray  # float32 (N, C)
-    labels: np.ndarray  # int64 (N,)
-
-
-def builtin_task(name: str) -> TaskSpec:
-    """``chat`` (the demo's task) or ``plain``; anything else is a TOML file."""
-    from schemas import toml
-    from sidetune.demo import TASK
-
-    if name == "chat":
-        return TaskSpec.from_dict(toml.loads(TASK))
-    if name == "plain":
-        return TaskSpec.from_dict(PLAIN_TASK)
-    return TaskSpec.from_toml(name)
-
-
-def extract_all(backbone: Backbone, task: TaskSpec, reviews: Sequence[Review], cache_dir: Path,
-                max_length: int = 128, progress: Progress = print) -> TaskFeatures:
-    """Pivot states and prior of every review under ``task``, computed once and cached."""
-    labels = np.array([task.label_index(r.label) for r in reviews], dtype=np.int64)
-    fx = FeatureExtractor(backbone, task, max_length=max_length)
-    texts = hashlib.sha256("\0".join(r.text for r in reviews).encode()).hexdigest()
-    path = cache_dir / f"features-{hashlib.sha256((fx.identity() + texts).encode()).hexdigest()[:16]}.npz"
-    if path.exists():
-        with np.load(path, allow_pickle=False) as z:
-            progress(f"{task.name}: features of {len(reviews)} reviews from {path}")
-            return TaskFeatures(z["states"], z["prior"], labels)
-    states, prior = [], []
-    t0 = time.perf_counter()
-    for i in range(0, len(reviews), CHUNK):
-        f = fx.extract([r.text for r in reviews[i : i + CHUNK]])
-        states.append(f.states.astype(np.float16))  # what the wire carries
-        prior.append(f.prior)
-        done, took = min(i + CHUNK, len(reviews)), time.perf_counter() - t0
-        progress(f"{task.name}: forward passes {done}/{len(reviews)} ({took:.0f} s, "
-                 f"~{took / done * (len(reviews) - done):.0f} s left)")
-    out = TaskFeatures(np.concatenate(states), np.concatenate(prior), labels)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(path, lambda f: np.savez(f, states=out.states, prior=out.prior), mode=0o644)
-    return out
+# The feature extraction (with its cache) and the side network's train-and-score are shared with the
+# other benchmarks (privacy, compare): they live in sidetune/bench/features.py.
+from sidetune.bench.features import (  # noqa: F401  (re-exported for sidetune.bench.privacy)
+    BOTTLENECK,
+    MAX_LENGTH,
+    NOISE_STD,
+    OUT_DIM,
+    PLAIN_TASK,
+    Progress,
+    TaskFeatures,
+    builtin_task,
+    extract_all,
+    side_scores,
+)
 
 
 def fit_bias(prior: np.ndarray, labels: np.ndarray, steps: int = 500) -> np.ndarray:
@@ -112,16 +65,6 @@ def fit_bias(prior: np.ndarray, labels: np.ndarray, steps: int = 500) -> np.ndar
         p /= p.sum(1, keepdims=True)
         b -= 2.0 * (p - onehot).mean(0)
     return b
-
-
-def _scores(spec: SideNetSpec, hyper: HyperParams, f: TaskFeatures, tr: np.ndarray, te: np.ndarray,
-            targets: np.ndarray) -> np.ndarray:
-    """Train on ``tr`` with the server's trainer; g(A) of ``te`` by the board's forward pass."""
-    from side_server.trainer import train
-
-    taps = list(spec.taps)
-    net, _ = train(spec, hyper, f.states[tr][:, taps].astype(np.float32), targets)
-    return SideNetForward.from_bytes(spec, net.to_weights())(f.states[te])
 
 
 def compare_on_features(f: TaskFeatures, *, train: int, holdout: int, splits: int, hyper: HyperParams,
@@ -144,9 +87,9 @@ def compare_on_features(f: TaskFeatures, *, train: int, holdout: int, splits: in
         tr, te = perm[:train], perm[train : train + holdout]
         y = f.labels[te]
         secret = DeviceSecret.generate(out_dim, rng)
-        g = _scores(mixed_spec, hyper, f, tr, te, secret.targets(f.labels[tr], f.prior[tr], noise_std, rng))
+        g = side_scores(mixed_spec, hyper, f, tr, te, secret.targets(f.labels[tr], f.prior[tr], noise_std, rng))
         clear = (np.eye(c)[f.labels[tr]] - prior[tr]).astype(np.float32)
-        g_clear = _scores(clear_spec, hyper, f, tr, te, clear)
+        g_clear = side_scores(clear_spec, hyper, f, tr, te, clear)
         acc["zero_shot"].append(float(np.mean(prior[te].argmax(1) == y)))
         b = fit_bias(prior[tr], f.labels[tr])
         acc["recalibrated"].append(float(np.mean((np.log(np.clip(prior[te], 1e-12, None)) + b).argmax(1) == y)))

@@ -1,0 +1,166 @@
+"""``report.md`` and the PNG plots of ``sidetune bench compare`` (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LABELS = {"zero_shot": "zero-shot", "recalibrated": "recalibrated", "sidetune": "sidetune",
+          "sidetune_int8": "sidetune int8 graph", "sidetune_int8_wire": "sidetune int8 wire",
+          "labels_in_clear": "labels in clear", "lora": "LoRA (on device)", "full_activation": "full activation",
+          "split_learning": "split learning"}
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def targets(t: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    """(target, figure, met) for each target of issue 13 on one task."""
+    m, s = t["methods"], t["methods"]["sidetune"]
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def add(name: str, value: float | None, goal: float, fmt: str, higher: bool = True) -> None:
+        ok = None if value is None else (value >= goal if higher else value <= goal)
+        rows.append((name, _f(value, fmt), ok))
+
+    add("bytes/sample ≥ 1,000× below full activation",
+        _ratio(m["full_activation"]["bytes_per_sample"], s["bytes_per_sample"]), 1000, ",.0f")
+    add("bytes/sample ≥ 100× below split learning",
+        _ratio(m["split_learning"]["bytes_per_sample"], s["bytes_per_sample"]), 100, ",.0f")
+    add("device CPU ≥ 10× below LoRA", _ratio(m["lora"]["device_cpu_s"], s["device_cpu_s"]), 10, ".1f")
+    add("device peak RSS ≥ 3× below LoRA", _ratio(m["lora"]["device_peak_rss_mb"], s["device_peak_rss_mb"]), 3, ".2f")
+    lora, clear = m["lora"]["accuracy"], m["labels_in_clear"]["accuracy"]
+    add("accuracy ≥ LoRA − 1 point (points)", None if lora is None or s["accuracy"] is None
+        else 100 * (s["accuracy"] - lora), -1.0, "+.1f")
+    add("accuracy ≥ labels in clear − 0.5 point (points)", None if clear is None or s["accuracy"] is None
+        else 100 * (s["accuracy"] - clear), -0.5, "+.1f")
+    add("time to adapter ≤ 1.1× the forward floor", _ratio(s["time_to_adapter_s"], s["forward_floor_s"]), 1.1, ".2f",
+        higher=False)
+    add("ingest ≥ 2,000 samples/s (one worker)", t["server"]["ingest_samples_per_s"], 2000, ",.0f")
+    return rows
+
+
+def table(t: dict[str, Any]) -> list[str]:
+    lines = ["| method | accuracy | bytes/sample | device CPU-s | device peak RSS MB | forward passes/sample | "
+             "time to adapter s | forward floor s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in t["methods"].items():
+        acc = _f(r["accuracy"], ".3f") + (f" ± {r['accuracy_std']:.3f}" if r["accuracy_std"] else "")
+        lines.append(f"| {name} | {acc} | {_f(r['bytes_per_sample'], ',.0f')} | {_f(r['device_cpu_s'], '.0f')} | "
+                     f"{_f(r['device_peak_rss_mb'], '.0f')} | {_f(r['forward_passes_per_sample'], 'g')} | "
+                     f"{_f(r['time_to_adapter_s'], '.1f')} | {_f(r['forward_floor_s'], '.1f')} |")
+    return lines
+
+
+def plots(results: dict[str, Any], details: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    tasks = results["tasks"]
+    # 1. accuracy against bytes per sample (log x); on-board methods (0 B) drawn at 1 B
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for name, r in t["methods"].items():
+            if r["accuracy"] is None:
+                continue
+            x = max(r["bytes_per_sample"] or 0.0, 1.0)
+            ax.errorbar([x], [r["accuracy"]], yerr=[r["accuracy_std"] or 0.0], fmt="o", capsize=3)
+            ax.annotate(LABELS[name], (x, r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for name in ("full_activation", "split_learning"):
+            b = t["methods"][name]["bytes_per_sample"]
+            if b:
+                ax.axvline(b, ls="--", lw=0.8, color="grey")
+                ax.text(b, ax.get_ylim()[0], f" {LABELS[name]}", rotation=90, fontsize=7, va="bottom", color="grey")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per sample per job (log; 1 = nothing leaves the board)")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_title(f"{t['task']} ({t['dataset']}, {t['train']} train / {t['holdout']} held out)", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_bytes.png", dpi=110)
+    plt.close(fig)
+    names.append("accuracy_vs_bytes.png")
+    # 2. device CPU-seconds and peak RSS per method
+    fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 6.5), squeeze=False)
+    for j, t in enumerate(tasks):
+        ms = [m for m, r in t["methods"].items() if r["device_cpu_s"] is not None]
+        for i, (field, label) in enumerate((("device_cpu_s", "device CPU-seconds per job"),
+                                            ("device_peak_rss_mb", "device peak RSS (MB)"))):
+            ax = axes[i][j]
+            vals = [t["methods"][m][field] for m in ms]
+            bars = ax.barh([LABELS[m] for m in ms], vals, color=["C1" if m == "lora" else "C0" for m in ms])
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+            ax.set_xlabel(label)
+            ax.set_title(t["task"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "device_cost.png", dpi=110)
+    plt.close(fig)
+    names.append("device_cost.png")
+    # 3. where the time to adapter goes
+    rows = [(t["task"], t["methods"]["sidetune"]) for t in tasks if t["methods"]["sidetune"]["time_to_adapter_s"]]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.7 * len(rows)))
+        for i, (_name, s) in enumerate(rows):
+            floor, total = s["forward_floor_s"], s["time_to_adapter_s"]
+            ax.barh(i, floor, color="C0", label="forward passes (floor)" if i == 0 else None)
+            ax.barh(i, max(total - floor, 0), left=floor, color="C3",
+                    label="after the last forward pass: job, upload, training, adapter" if i == 0 else None)
+            ax.text(total, i, f" {total:.0f} s ({total / floor:.2f}× floor)", va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+        ax.set_xlabel("seconds from the first sample to the adapter installed on the board")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "time_to_adapter.png", dpi=110)
+        plt.close(fig)
+        names.append("time_to_adapter.png")
+    return names
+
+
+def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: dict[str, Any], out: Path) -> None:
+    pngs = plots(results, details, out)
+    load = ", ".join("/".join(f"{x:.1f}" for x in la) for la in setup["loadavg"])
+    lines = ["# sidetune bench compare", "",
+             f"{setup['cpus']} CPUs, every device-side process with {setup['threads']} threads; load average "
+             f"(1/5/15 min) at the start and after each task: {load}. Run took {setup['seconds'] / 60:.1f} min.", ""]
+    for t, d in zip(results["tasks"], details):
+        fwd, rnd = d["forward"], d["round"]
+        lines += [f"## {t['task']} — {t['dataset']} ({len(d['classes'])} classes: {', '.join(d['classes'])})", "",
+                  f"{t['train']} training / {t['holdout']} held-out samples (mean {d['mean_tokens']:.0f} tokens), "
+                  f"backbone {t['backbone']['fingerprint'][:16]}… ({t['backbone']['num_layers']} layers, width "
+                  f"{t['backbone']['hidden_size']}); side network taps {d['spec']['taps']}, r = {d['spec']['bottleneck']}, "
+                  f"K = {d['spec']['out_dim']}, {d['epochs']} epochs; {setup['seeds']} seeds.", ""]
+        lines += table(t) + [""]
+        lines += ["| target (issue 13) | figure | met |", "|---|---|---|"]
+        lines += [f"| {n} | {v} | {'yes' if ok else ('–' if ok is None else '**no**')} |" for n, v, ok in targets(t)]
+        lines.append("")
+        notes = [f"- the board's forward passes alone (own process, fp32 graph): {fwd['fp32']['device_cpu_s']:.0f} CPU-s, "
+                 f"{fwd['fp32']['device_peak_rss_mb']:.0f} MB, {fwd['fp32']['forward_wall_s']:.1f} s wall (the floor)"]
+        if fwd.get("int8"):
+            notes.append(f"- int8 graph: {fwd['int8']['device_cpu_s']:.0f} CPU-s, {fwd['int8']['device_peak_rss_mb']:.0f} MB, "
+                         f"{fwd['int8']['forward_wall_s']:.1f} s wall; its zero-shot accuracy "
+                         f"{d['accuracies'].get('zero_shot_int8', [float('nan')])[0]:.3f}")
+        if rnd:
+            notes.append(f"- real round ({rnd['state']}): the agent process {rnd.get('agent_cpu_s', 0):.0f} CPU-s, peak "
+                         f"{rnd.get('agent_peak_rss_mb', 0):.0f} MB (sidetune's device figures); "
+                         f"{rnd['bytes_up'] / max(rnd['samples'], 1):,.0f} B up and "
+                         f"{rnd['bytes_down'] / max(rnd['samples'], 1):,.0f} B down per sample as the board counted them")
+        if d["lora"]:
+            ep = "; ".join(f"epoch {e['epoch']}: {e['accuracy']:.3f}, {e['device_cpu_s']:.0f} CPU-s, "
+                           f"{e['device_peak_rss_mb']:.0f} MB" for e in d["lora"]["epochs"])
+            notes.append(f"- LoRA ({d['lora']['trainable_params']:,} trainable parameters): {ep}")
+        b = d["bytes"]
+        notes.append("- bytes per sample up / down: " + "; ".join(
+            f"{k} {v['up']:,.0f} / {v['down']:,.0f}" for k, v in b.items()))
+        lines += notes + [""]
+    lines += ["Method: sidetune/bench/compare.py (docstring). Device CPU-seconds are user + system seconds of the "
+              "process doing the device's work, up to the end of the job (for LoRA: through its best epoch), "
+              "imports and model loading included; peak RSS is the kernel's VmHWM of that process.", ""]
+    lines += [f"![{p}]({p})" for p in pngs]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
