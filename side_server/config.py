@@ -74,6 +74,11 @@ class ServerSettings(FileThenEnv):
     session_expiry: int = Field(default=24 * 3600, ge=0)
     #: Cached activations live this long (Redis TTL, seconds); eviction may take them sooner.
     activation_ttl: int = Field(default=7 * 24 * 3600, gt=0)
+    #: The server asks a device for its missing activations a window of about this many bytes (of
+    #: fp16 states) at a time, and for the next as each batch is stored: a device's share of the
+    #: broker's queue for the workers stays bounded (mosquitto drops QoS 1 messages past its
+    #: max_queued_bytes, 512 MiB per worker: room for ~256 devices uploading at once per worker).
+    upload_window_bytes: int = Field(default=2 * MiB, ge=1)
     #: A job's lease; a worker renews it every epoch, another takes over when it lapses.
     lease_seconds: float = Field(default=30.0, gt=0)
     #: Messages older than this are rejected as replays.

@@ -10,7 +10,8 @@ metadata hash and its keys' membership):
                                charge, version, attempts, reason
 * ``st:keys:{dev}:job``       hash: sample key (32 raw bytes) -> its row in the targets
 * ``st:targets:{dev}:job``    string: the targets, raw float32 ``(N, K)``
-* ``st:need:{dev}:job``       set: keys (hex) the cache still lacks
+* ``st:need:{dev}:job``       zset: keys (hex) the cache still lacks, scored by their row (the
+                               server asks for them in that order, a window at a time)
 * ``st:usage:{dev}``          hash: jobs, job_bytes, cache_bytes (the device's quotas in use)
 * ``st:lease:{dev}:job``      ``worker|expiry_ms`` of the training worker (no TTL: never evicted)
 * ``st:ckpt:{dev}:job``       safetensors checkpoint (side network + AdamW state)
@@ -68,7 +69,8 @@ _NOW_MS = "local _t = redis.call('time'); local now = tonumber(_t[1]) * 1000 + m
 # Returns {0} it existed, {-1} too many jobs, {-2} too many bytes, {1} created, {2, when} created and ready.
 _CREATE = """#!lua
 -- KEYS: job, keys, need, targets, usage
--- ARGV: member, max_jobs, max_bytes, charge, n, n_meta, meta pairs..., targets, n raw keys..., missing hex keys...
+-- ARGV: member, max_jobs, max_bytes, charge, n, n_meta, meta pairs..., targets, n raw keys...,
+--       (row, hex key) of each missing key...
 if redis.call('hexists', KEYS[1], 'state') == 1 then return {0} end
 local usage = redis.call('hmget', KEYS[5], 'jobs', 'job_bytes')
 if tonumber(usage[1] or '0') >= tonumber(ARGV[2]) then return {-1} end
@@ -81,7 +83,7 @@ redis.call('set', KEYS[4], ARGV[i]); i = i + 1
 local n = tonumber(ARGV[5])
 for j = 0, n - 1 do redis.call('hset', KEYS[2], ARGV[i + j], j) end
 i = i + n
-for j = i, #ARGV do redis.call('sadd', KEYS[3], ARGV[j]) end
+for j = i, #ARGV, 2 do redis.call('zadd', KEYS[3], ARGV[j], ARGV[j + 1]) end
 redis.call('hincrby', KEYS[5], 'jobs', 1)
 redis.call('hincrby', KEYS[5], 'job_bytes', charge)
 if i > #ARGV then return {2, tonumber(redis.call('time')[1])} end
@@ -148,17 +150,19 @@ _RECEIVED = """#!lua flags=allow-oom
 -- KEYS: job, need; ARGV: keys...
 local st = redis.call('hget', KEYS[1], 'state')
 if not st or st == 'done' or st == 'failed' then return {-1, 0} end
-for i = 1, #ARGV do redis.call('srem', KEYS[2], ARGV[i]) end
-local left = redis.call('scard', KEYS[2])
+for i = 1, #ARGV do redis.call('zrem', KEYS[2], ARGV[i]) end
+local left = redis.call('zcard', KEYS[2])
 if left == 0 and st == 'waiting' then return {0, tonumber(redis.call('time')[1])} end
 return {left, 0}
 """
 # Cached samples have gone: the job waits for them again (1: it does now).
 _NEED = """#!lua flags=allow-oom
--- KEYS: job, need; ARGV: keys...
+-- KEYS: job, need, keys; ARGV: (raw key, hex key)...
 local st = redis.call('hget', KEYS[1], 'state')
 if not st or st == 'done' or st == 'failed' then return 0 end
-for i = 1, #ARGV do redis.call('sadd', KEYS[2], ARGV[i]) end
+for i = 1, #ARGV, 2 do
+  redis.call('zadd', KEYS[2], tonumber(redis.call('hget', KEYS[3], ARGV[i]) or '0'), ARGV[i + 1])
+end
 if #ARGV == 0 then return 0 end
 redis.call('hset', KEYS[1], 'state', 'waiting')
 return 1
@@ -310,7 +314,9 @@ class JobStore:
             args += [name, value]
         args.append(job.targets.data)  # float32 (N, K), little-endian, as it travelled
         args += [bytes.fromhex(k) for k in job.keys]
-        args += missing
+        row = {k: i for i, k in enumerate(job.keys)}
+        for k in missing:
+            args += [row[k], k]
         member = _member(dev, jid)
         self.r.sadd(ACTIVE, member)  # first: a crash after the script must not leave a job out of the index
         try:
@@ -378,7 +384,11 @@ class JobStore:
 
     def need(self, device: str, job_id: str, keys: list[str]) -> None:
         """The job lacks these keys (again): it waits for them."""
-        if keys and self._need(keys=[_k("job", device, job_id), _k("need", device, job_id)], args=keys):
+        pairs: list[Any] = []
+        for k in keys:
+            pairs += [bytes.fromhex(k), k]
+        if keys and self._need(keys=[_k("job", device, job_id), _k("need", device, job_id),
+                                     _k("keys", device, job_id)], args=pairs):
             self.r.zrem(READY, _member(device, job_id))
             # a batch that cached the last of them on another worker may have marked it ready
             # between the script and the ZREM: look again (after the ZREM, so one of us sees it)
@@ -392,6 +402,13 @@ class JobStore:
         if left == 0 and since:
             self.r.zadd(READY, {_member(device, job_id): since}, nx=True)
         return int(left)
+
+    def window(self, device: str, job_id: str, limit: int) -> list[str]:
+        """The first ``limit`` keys the job still needs, in the job's order: what the server asks
+        the device for now (the keys of batches in flight among them: the device does not send
+        a key twice within a while). Asking a window at a time bounds what a device has in the
+        broker's queue for the workers (see ``upload_window_bytes``)."""
+        return [k.decode() for k in cast(list[bytes], self.r.zrange(_k("need", device, job_id), 0, limit - 1))]
 
     def unready(self, device: str, job_id: str) -> None:
         self.r.zrem(READY, _member(device, job_id))

@@ -139,6 +139,34 @@ def test_every_script_and_pipeline_runs_on_one_slot_and_devices_spread(rc, redis
     assert set(store.service(devices)) == set(devices)
 
 
+# --------------------------------------------------------------------------- the upload window
+
+
+def test_the_server_asks_for_a_window_at_a_time(mosquitto, redis_url, broker_accounts, mqtt_client,
+                                                device_account):
+    """With upload_window_bytes of 4 samples (fp16 states of SPEC), a job of 10 is asked for 4 keys,
+    in the job's order, then the next ones as each batch is stored, and nothing is asked twice."""
+    from schemas import CacheReport, encode
+    from tests.loop_helpers import SPEC, make_batch, worker_and_device
+
+    window = 4 * 2 * SPEC.num_states * SPEC.width
+    with worker_and_device(mosquitto, redis_url, broker_accounts, mqtt_client, device_account, "win",
+                           upload_window_bytes=window) as (worker, dev):
+        job = make_job(dev.id, n=10)
+        first = dev.job_answered(job)
+        assert first.missing == job.keys[:4] and first.total == 10
+        at = len(dev.down)
+        dev.publish(*encode(make_batch(job, job.keys[:3])))
+        nxt = dev.down.wait(lambda m: isinstance(m, CacheReport) and m.job_id == job.job_id, 10, "the next window", at)
+        assert nxt.missing == job.keys[3:7]  # type: ignore[attr-defined]
+        at = len(dev.down)
+        dev.publish(*encode(make_batch(job, job.keys[3:10])))
+        done = dev.down.wait(lambda m: isinstance(m, Progress) and m.job_id == job.job_id and m.state == "done",
+                             20, "the job trained", at)
+        assert done is not None
+        assert not dev.down.since(at, CacheReport)  # everything came: nothing more asked
+
+
 # --------------------------------------------------------------------------- the whole loop
 
 

@@ -221,6 +221,7 @@ class _Board:
         self.bytes_up = 0
         self.messages_up = 0
         self.last_heard = 0.0
+        self.uploaded: dict[str, float] = {}
         self.cached = 0
         self.finished = False
         self.client: Any = None
@@ -240,10 +241,16 @@ class _Board:
 
     def send_job(self) -> None:
         self.last_heard = time.time()
+        self.uploaded.clear()  # as the agent: whatever the server still lacks is sent again
         self.publish(self.job_msg)
 
-    def upload(self, missing: list[str]) -> None:
-        want = set(missing)
+    def upload(self, missing: list[str], now: float) -> None:
+        """As the agent: the keys asked for, but none sent within RESEND_AFTER (still in flight)."""
+        from edge_agent.rounds import RESEND_AFTER
+
+        want = {k for k in missing if now - self.uploaded.get(k, 0.0) > RESEND_AFTER}
+        for k in want:
+            self.uploaded[k] = now
         for keys, msg in self.batches.items():
             if want.issuperset(keys):
                 self.publish(msg)
@@ -263,14 +270,16 @@ class _Board:
         self.last_heard = now
         if isinstance(msg, CacheReport):
             if msg.missing:
-                self.upload(list(msg.missing))
-            elif self.cached < len(self.keys):
+                self.upload(list(msg.missing), now)
+            elif msg.total == len(self.keys):
                 self._cached(len(self.keys), now)
         elif isinstance(msg, ProgressMsg):
             if msg.state == "failed":
                 self._end("failed", now, msg.detail)
-            elif msg.state in ("training", "done") or msg.samples_cached >= len(self.keys):
+            elif msg.state in ("training", "done"):
                 self._cached(len(self.keys), now)
+            else:
+                self._cached(min(msg.samples_cached, len(self.keys)), now)
         elif isinstance(msg, AdapterUpdate):
             self._cached(len(self.keys), now)
             self._end("done", now, f"adapter v{msg.version}")
@@ -560,6 +569,7 @@ def run_fleet_bench(boards: int, samples: int, workers: int, cluster: bool, json
         go.set()
         progress("go: every board sends its job")
         cached_at: dict[str, float] = {}
+        cached_n: dict[str, int] = {}
         ended: dict[str, tuple[str, float, str, int, int]] = {}
         next_note = time.monotonic() + 2.0
         deadline = time.monotonic() + timeout
@@ -570,8 +580,10 @@ def run_fleet_bench(boards: int, samples: int, workers: int, cluster: bool, json
                 ev = None
             if ev is not None:
                 kind, dev, at = ev[0], ev[1], ev[2]
-                if kind == "cached" and ev[3] >= samples:
-                    cached_at.setdefault(dev, at)
+                if kind == "cached":
+                    cached_n[dev] = max(cached_n.get(dev, 0), ev[3])
+                    if ev[3] >= samples:
+                        cached_at.setdefault(dev, at)
                 elif kind in ("done", "failed"):
                     ended.setdefault(dev, (kind, at, ev[3], ev[4], ev[5]))
             dead = [w for w in services.workers if w.poll() is not None]
@@ -581,7 +593,7 @@ def run_fleet_bench(boards: int, samples: int, workers: int, cluster: bool, json
             if time.monotonic() >= next_note:
                 next_note = time.monotonic() + 2.0
                 done = sum(1 for e in ended.values() if e[0] == "done")
-                progress(f"{time.time() - t0:6.1f} s: samples cached {len(cached_at) * samples}/{boards * samples}, "
+                progress(f"{time.time() - t0:6.1f} s: samples cached {sum(cached_n.values())}/{boards * samples}, "
                          f"adapters {done}/{boards}, failed {len(ended) - done}")
         t_end = time.time()
         cpu = {k: sum(_cpu_seconds(p) for p in v) - cpu0[k] for k, v in pids.items()}
