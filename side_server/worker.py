@@ -26,6 +26,7 @@ from schemas.errors import UnavailableError, WireError
 from schemas.jobs import CacheReport, Job
 from schemas.progress import Progress
 from schemas.schedule import EpochReport
+from schemas.spec import SideNetSpec
 from schemas.status import DeviceStatus, Rejection
 from schemas.topics import UPLINK_KINDS, Topic, subscription
 from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
@@ -313,7 +314,7 @@ class Worker:
             self.metrics.cache_misses.inc(len(missing))
             self.fleet.job(job.device_id, job.job_id, samples=len(job.keys), epochs=job.hyper.epochs)
             self._send(CacheReport(device_id=job.device_id, job_id=job.job_id, total=len(job.keys),
-                                   missing=tuple(missing)))
+                                   missing=tuple(missing[: self._window_samples(job.spec)])))
         else:  # a twin delivery won the race
             rec = self.store.get(job.device_id, job.job_id)
             if rec is not None:
@@ -335,11 +336,18 @@ class Worker:
         keys = self.store.keys(dev, jid)
         missing = self.cache.missing(dev, keys)
         self.store.need(dev, jid, missing)
-        self._send(CacheReport(device_id=dev, job_id=jid, total=n, missing=tuple(missing)))
+        self._send(CacheReport(device_id=dev, job_id=jid, total=n, missing=tuple(missing[: self._window_samples(rec.spec)])))
         if not missing and rec.state == "waiting":
             # everything is cached, though a worker may have died before counting the last batch:
             # clear the need set, which marks the job ready (both idempotent)
             self.store.received(dev, jid, keys)
+
+    def _window_samples(self, spec: SideNetSpec) -> int:
+        return max(1, self.s.upload_window_bytes // (2 * spec.num_states * spec.width))
+
+    def _window(self, device: str, job_id: str, spec: SideNetSpec) -> tuple[str, ...]:
+        """What to ask the device for now: its next ``upload_window_bytes`` of missing samples."""
+        return tuple(self.store.window(device, job_id, self._window_samples(spec)))
 
     def on_activations(self, batch: ActivationBatch) -> None:
         dev, jid = batch.device_id, batch.job_id
@@ -369,6 +377,8 @@ class Worker:
         left = self.store.received(dev, jid, batch.keys)
         if left < 0:
             return  # closed meanwhile
+        if left and left + len(batch.keys) > self._window_samples(rec.spec):  # the window moves on: ask for more
+            self._send(CacheReport(device_id=dev, job_id=jid, total=rec.samples, missing=self._window(dev, jid, rec.spec)))
         self._send(Progress(device_id=dev, job_id=jid, state="waiting", samples_cached=rec.samples - left,
                             samples_total=rec.samples, epochs=rec.hyper.epochs))
 
