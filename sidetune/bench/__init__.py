@@ -75,11 +75,15 @@ def cmd_bench_privacy(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
+    import signal
+
     from edge_agent.backbone import BackboneError
     from edge_agent.task import TaskError
     from sidetune.bench.compare import run_compare
     from sidetune.data import DataError
-    from sidetune.demo import default_backbone_dir, default_home
+    from sidetune.demo import _terminate, default_backbone_dir, default_home
+
+    signal.signal(signal.SIGTERM, _terminate)  # `kill` stops the real round's services too
 
     quick = args.quick
     train = args.train if args.train is not None else (200 if quick else 1600)

@@ -315,10 +315,15 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
 def run_compare(backbone_dir: Path, tasks: Sequence[str], out_dir: Path, *, train: int, holdout: int, seeds: int,
                 lora_epochs: int, live: bool = True, int8: bool = True, ingest_samples: int = 2000,
                 cache_dir: Path, progress: Progress = print) -> dict[str, Any]:
+    import torch
+
     from sidetune.bench.compare_report import write_report
 
     for t in tasks:
         task_data(t)  # a bad task fails before any work
+    # The side networks train as a worker trains them (torch_threads = 1): on a busy machine two
+    # threads spin against each other (one 200-sample training: 2 CPU-s with 1 thread, 24 with 2).
+    torch.set_num_threads(1)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load = [os.getloadavg()]

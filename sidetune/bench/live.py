@@ -41,6 +41,17 @@ BOARD = "bench-board"
 INGEST = "bench-ingest"
 
 
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def task_toml(task: TaskSpec) -> str:
     d = task.to_dict()  # JSON strings are TOML basic strings
     return "".join(f"{k} = {json.dumps(v, ensure_ascii=False)}\n" for k, v in d.items())
@@ -48,8 +59,8 @@ def task_toml(task: TaskSpec) -> str:
 
 def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir: Path, *, epochs: int, threads: int,
                spec: SideNetSpec, ingest_samples: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    from sidetune.demo import _follow, _jsonl, _spawn, _wait_inbox
-    from sidetune.services import SERVER_USER, Mosquitto, RedisServer
+    from sidetune.demo import _follow, _jsonl, _spawn, _wait_healthy, _wait_inbox
+    from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
     accounts = {SERVER_USER: secrets.token_hex(12), BOARD: secrets.token_hex(12), INGEST: secrets.token_hex(12)}
@@ -59,10 +70,12 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
     procs = []
     try:
         conf = workdir / "server.toml"
-        conf.write_text(f'broker_port = {broker.port}\nbroker_username = "{SERVER_USER}"\n'
+        metrics_port = free_port()
+        conf.write_text(f'metrics_port = {metrics_port}\nbroker_port = {broker.port}\nbroker_username = "{SERVER_USER}"\n'
                         f'broker_password = "{accounts[SERVER_USER]}"\nredis_url = "{cache.url}"\n'
                         f'worker_id = "bench-worker-1"\ntorch_threads = 1\nshare_group = "w-{secrets.token_hex(16)}"\n')
         procs.append(_spawn(["server", "--config", str(conf)], workdir / "server.log"))
+        _wait_healthy(metrics_port, procs)  # a job sent before the worker subscribed would wait for round_timeout
         state = workdir / BOARD
         (state / "inbox").mkdir(parents=True, exist_ok=True)
         (workdir / "task.toml").write_text(task_toml(task))
@@ -83,6 +96,9 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
             full = next(r for r in led.rounds() if r["round"] == 1)
         finally:
             led.close()
+        # The agent's own peak, from the kernel, while it lives: wait4's ru_maxrss would also count the
+        # memory of this process at the fork (Linux keeps the larger of the two across exec).
+        peak = _vm_hwm_mb(agent.pid)
         os.killpg(agent.pid, signal.SIGTERM)
         _, status, ru = os.wait4(agent.pid, 0)
         agent.returncode = os.waitstatus_to_exitcode(status)
@@ -91,10 +107,10 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
             "state": row["state"], "detail": row.get("detail"), "samples": row["samples"],
             "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"], "forward_passes": row["forward_passes"],
             "time_to_adapter_s": float(full["finished"]) - float(full["started"]) if full.get("finished") else None,
-            "agent_cpu_s": ru.ru_utime + ru.ru_stime, "agent_peak_rss_mb": ru.ru_maxrss / 1024.0,
+            "agent_cpu_s": ru.ru_utime + ru.ru_stime, "agent_peak_rss_mb": peak,
         }
         progress(f"real round: {out['state']} in {out['time_to_adapter_s'] or 0:.1f} s, agent "
-                 f"{out['agent_cpu_s']:.0f} CPU-s, peak {out['agent_peak_rss_mb']:.0f} MB, "
+                 f"{out['agent_cpu_s']:.0f} CPU-s, peak {out['agent_peak_rss_mb'] or 0:.0f} MB, "
                  f"{out['bytes_up'] / max(out['samples'], 1):.0f} B up per sample")
         if ingest_samples > 0:
             out.update(ingest(broker.port, accounts[INGEST], spec, ingest_samples, epochs, progress))

@@ -5,7 +5,8 @@ and prints one JSON line last. What a device spends on a job is measured inside 
 moment the job's work is done (``resource.getrusage(RUSAGE_SELF)`` user + system seconds, and the
 kernel's ``VmHWM``, the peak resident set so far), because a child may go on with work that is not
 the device's job (forward passes of the held-out samples that only score it). The parent also keeps
-the child's whole rusage from ``wait4``.
+the child's whole CPU time from ``wait4`` (not its ru_maxrss: on Linux that is at least the parent's
+RSS at the fork).
 
 Kinds: ``forward`` (the board's ONNX forward passes: sidetune/bench/compare.py) and ``lora``
 (on-device LoRA in torch: sidetune/bench/lora.py).
@@ -51,7 +52,7 @@ def peak_rss_mb() -> float:
 
 def run_child(kind: str, config: dict[str, Any], workdir: Path, threads: int,
               progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run KIND in a fresh interpreter; its JSON result plus ``child_cpu_s`` and ``child_peak_rss_mb``."""
+    """Run KIND in a fresh interpreter; its JSON result plus ``child_cpu_s`` (the whole child's CPU seconds)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / f"{kind}-{os.getpid()}-{len(list(workdir.iterdir()))}.json"
     cfg.write_text(json.dumps(config))
@@ -60,6 +61,10 @@ def run_child(kind: str, config: dict[str, Any], workdir: Path, threads: int,
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(threads)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch's OpenMP threads wait passively, as ONNX Runtime's do on the board (edge_agent/backbone.py):
+    # spinning threads on a shared machine multiply LoRA's CPU seconds (one side-network training
+    # measured 24 CPU-s spinning with 2 threads, 2.1 CPU-s passive), which would flatter sidetune.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.Popen([sys.executable, "-m", "sidetune.bench.measure", kind, str(cfg)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stderr is not None
@@ -77,8 +82,9 @@ def run_child(kind: str, config: dict[str, Any], workdir: Path, threads: int,
         tail = "; ".join(err.strip().splitlines()[-6:])
         raise ChildFailed(f"the {kind} process failed (exit {proc.returncode}): {tail}")
     out: dict[str, Any] = json.loads(last)
-    out["child_cpu_s"] = ru.ru_utime + ru.ru_stime
-    out["child_peak_rss_mb"] = ru.ru_maxrss / 1024.0
+    out["child_cpu_s"] = ru.ru_utime + ru.ru_stime  # the whole child (not only the job)
+    # (wait4's ru_maxrss is not the child's own peak: Linux keeps the parent's RSS at the fork if larger,
+    # so the peak the results use is the child's VmHWM, taken inside it.)
     return out
 
 
