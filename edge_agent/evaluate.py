@@ -1,4 +1,4 @@
-"""Predictions on the board: ``argmax(p_b + Mᵀ·g(A))``, and held-out accuracy."""
+"""Predictions on the board: ``argmax(p_cal + Mᵀ·g(A))`` (edge_agent/calibration.py), and held-out accuracy."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.adapter import InstalledAdapter
+from edge_agent.calibration import calibrate
 from edge_agent.features import FeatureExtractor
 from edge_agent.inbox import parse_jsonl
 from edge_agent.secret import DeviceSecret
@@ -36,8 +37,11 @@ class Holdout:
     prior: np.ndarray  # (N, C)
     states: np.ndarray  # (N, L+1, d) float16 (kept small)
 
-    def accuracy(self, adapter: InstalledAdapter | None, secret: DeviceSecret) -> float:
-        scores = probabilities(self.prior, self.states.astype(np.float32), adapter, secret)
+    def accuracy(self, adapter: InstalledAdapter | None, secret: DeviceSecret,
+                 bias: np.ndarray | None = None) -> float:
+        """With an adapter, added to the calibrated prior (``bias``); without, the backbone alone."""
+        prior = self.prior if adapter is None else calibrate(self.prior, bias).astype(np.float32)
+        scores = probabilities(prior, self.states.astype(np.float32), adapter, secret)
         return float(np.mean(scores.argmax(axis=1) == self.labels))
 
 

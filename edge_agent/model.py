@@ -13,6 +13,7 @@ import numpy as np
 
 from edge_agent import adapter as adapters
 from edge_agent.backbone import Backbone
+from edge_agent.calibration import calibrate, fit_prior_bias, load_bias, save_bias
 from edge_agent.config import EdgeSettings
 from edge_agent.evaluate import as_probabilities, probabilities
 from edge_agent.features import FeatureExtractor, default_taps
@@ -47,6 +48,10 @@ class LocalModel:
             self.adapter = adapters.load(self.state_dir, self.spec, self.backbone.fingerprint)
         except SpecMismatch as e:
             log.warning("%s; predicting with the backbone alone until a new adapter arrives", e)
+        try:
+            self.prior_bias: np.ndarray | None = load_bias(self.state_dir, self.task.num_classes)
+        except ValueError as e:
+            raise ConfigurationError(str(e)) from None
 
     @property
     def adapter_version(self) -> int:
@@ -58,7 +63,21 @@ class LocalModel:
         adapters.install(self.state_dir, update)
         self.adapter = adapters.load(self.state_dir, self.spec, self.backbone.fingerprint)
 
+    def calibrated(self, prior: np.ndarray) -> np.ndarray:
+        """The prior targets are formed against and adapters added to (edge_agent/calibration.py)."""
+        return calibrate(prior, self.prior_bias).astype(np.float32)
+
+    def fit_calibration(self, prior: np.ndarray) -> None:
+        """Fit the board's prior bias on its training samples' priors, once (the first round)."""
+        if self.prior_bias is None:
+            self.prior_bias = fit_prior_bias(prior)
+            save_bias(self.state_dir, self.prior_bias, len(prior))
+            log.info("calibrated the prior on %d samples: bias %s", len(prior),
+                     " ".join(f"{x:+.3f}" for x in self.prior_bias))
+
     def predict(self, texts: list[str]) -> np.ndarray:
-        """Class probabilities (N, C): ``argmax(p_b + Mᵀ·g(A))`` made a distribution."""
+        """Class probabilities (N, C): ``argmax(p_cal + Mᵀ·g(A))`` made a distribution (``p_b`` alone
+        before any adapter)."""
         f = self.fx.extract(texts)
-        return as_probabilities(probabilities(f.prior, f.states, self.adapter, self.secret))
+        prior = f.prior if self.adapter is None else self.calibrated(f.prior)
+        return as_probabilities(probabilities(prior, f.states, self.adapter, self.secret))

@@ -111,7 +111,8 @@ class Rounds:
         n_new = self.ledger.count_new()  # every new sample has its prior by now
         labels = np.array([s.sent_label for s in everything])
         prior = np.stack([s.prior for s in everything if s.prior is not None])
-        targets = self.model.secret.targets(labels, prior, self.s.noise_std, rng)
+        self.model.fit_calibration(prior)  # once, on the first round's samples; no label used
+        targets = self.model.secret.targets(labels, self.model.calibrated(prior), self.s.noise_std, rng)
         rnd = self.ledger.new_round("pending", len(everything), n_new)
         job = Job(device_id=self.s.device_id, job_id=f"r{rnd}-{uuid.uuid4().hex[:8]}",
                   backbone_fingerprint=self.model.backbone.fingerprint, spec=self.model.spec, hyper=self.s.hyper,
@@ -152,7 +153,8 @@ class Rounds:
         tapped = np.stack([np.frombuffer(s.states or b"", "<f2").reshape(shape)[taps] for s in everything])
         labels = np.array([s.label for s in everything])
         prior = np.stack([s.prior for s in everything if s.prior is not None])
-        targets = self.model.secret.targets(labels, prior, 0.0, np.random.default_rng(0))
+        self.model.fit_calibration(prior)
+        targets = self.model.secret.targets(labels, self.model.calibrated(prior), 0.0, np.random.default_rng(0))
         init = encode_weights(self.model.adapter.forward.w, spec) if self.model.adapter is not None else None
 
         def on_epoch(rep: EpochReport) -> bool:
@@ -282,7 +284,8 @@ class Rounds:
         holdout = self.holdout()
         if holdout is not None:
             fields["zero_shot_accuracy"] = holdout.accuracy(None, self.model.secret)
-            fields["tuned_accuracy"] = holdout.accuracy(self.model.adapter, self.model.secret)
+            fields["tuned_accuracy"] = holdout.accuracy(self.model.adapter, self.model.secret,
+                                                       self.model.prior_bias)
         self.ledger.update_round(rnd, **fields)
         log.info("round %d done: adapter v%d installed (%s)", rnd, update.version,
                  ", ".join(f"{k} {v:.3f}" for k, v in fields.items() if k.endswith("accuracy")))  # type: ignore[str-format]

@@ -41,6 +41,22 @@ def test_the_target_attacks_read_plain_labels_and_the_norm_rule_names_the_classe
     assert got["targets_pc1_norm"] == 1.0  # the larger residuals are the class the prior leans away from
     assert target_attacks(plain, y, 2, lean=1)["targets_pc1_norm"] == 0.0
     assert target_attacks(np.eye(3)[y], y, 3, lean=0)["targets_pc1_norm"] is None
+    # the sizes of the sides name the classes where the public majority is the device's majority too
+    most = int(np.bincount(y).argmax())
+    assert target_attacks(plain, y, 2, lean=0, majority=most)["targets_pc1_count"] == 1.0
+    assert target_attacks(plain, y, 2, lean=0, majority=1 - most)["targets_pc1_count"] == 0.0
+
+
+def test_a_calibrated_prior_leaves_the_norm_rule_nothing_to_read():
+    from edge_agent.calibration import calibrate, fit_prior_bias
+
+    rng = np.random.default_rng(4)
+    y = rng.permutation(np.arange(1000) % 2)  # a board with balanced classes
+    p0 = 1 / (1 + np.exp(-(3.0 + 1.5 * (1 - 2 * y) + rng.normal(0, 1.5, len(y)))))  # knows something, leans to 0
+    prior = np.stack([p0, 1 - p0], 1)
+    assert target_attacks(np.eye(2)[y] - prior, y, 2, lean=0)["targets_pc1_norm"] > 0.9
+    norm = np.linalg.norm(np.eye(2)[y] - calibrate(prior, fit_prior_bias(prior)), axis=1)
+    assert abs(norm[y == 0].mean() - norm[y == 1].mean()) < 0.005  # the rule is left with a coin toss
 
 
 def test_label_dp_brings_the_target_attacks_to_the_randomised_response_rate():
@@ -56,10 +72,15 @@ def test_label_dp_brings_the_target_attacks_to_the_randomised_response_rate():
         assert d["device_cpu_s"] >= 0.01 * 400 and d["task_accuracy"] > 0.7, (name, d)
     none, dp = out["defences"]["none"], out["defences"]["label_dp"]
     assert none["params"] == {} and dp["params"] == {"epsilon": 2.0}
-    assert none["attacks"]["pca_one_known"] > 0.99 and none["attacks"]["targets_pc1_norm"] > 0.99
+    raw = out["defences"]["label_dp_uncalibrated"]
+    assert raw["params"] == {"epsilon": 2.0, "calibrated": False}
+    assert none["attacks"]["pca_one_known"] > 0.99  # without label-DP the partition is the labels
     keep = keep_probability(2.0, 2)
-    for a in ("targets_pc1_norm", "pca_one_known"):
-        assert abs(dp["attacks"][a] - keep) < 0.05, (a, dp["attacks"][a], keep)
+    # the raw prior leans to class 0: the norm rule names the classes with no known example
+    assert abs(raw["attacks"]["targets_pc1_norm"] - keep) < 0.05, raw["attacks"]
+    assert abs(dp["attacks"]["pca_one_known"] - keep) < 0.05, dp["attacks"]
+    for a in ("targets_pc1_norm", "targets_pc1_count", "residual_argmax"):  # never beyond what ε allows
+        assert dp["attacks"][a] < keep + 0.05, (a, dp["attacks"][a], keep)
     # the activations are the same under either defence, and a public probe reads them
     assert dp["attacks"]["public_probe_true_prompt"] == none["attacks"]["public_probe_true_prompt"] > 0.9
     assert none["attacks"]["text_match"] == 1.0  # the same prompt, the same text: the same activations

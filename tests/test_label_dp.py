@@ -170,20 +170,23 @@ def test_every_round_resends_the_same_noisy_label_and_the_residual_uses_it(tmp_p
     _add(model, ledger, make_samples(300, seed=1))
     assert rounds.start() == 1
     job1 = _job(sent)
+    bias = model.prior_bias
+    assert bias is not None and (model.state_dir / "calibration.json").exists()
     ledger.assign_round(list(job1.keys), 1)
     ledger.update_round(1, state="done")
     rounds.current = None
     _add(model, ledger, make_samples(50, seed=2))
     assert rounds.start() == 2
     job2 = _job(sent)
+    assert np.array_equal(model.prior_bias, bias)  # fitted once: every adapter is added to the same prior
     assert set(job1.keys) < set(job2.keys) and len(job2.keys) == len(set(job2.keys))
 
     by_key = ledger.samples_by_key(list(job2.keys))
     m = model.secret.mixing(2)
     reported = {}
     for job in (job1, job2):
-        residual = job.targets.to_array().astype(np.float64) @ m  # Mᵀ·t = onehot(z) − p_b
-        prior = np.stack([by_key[k].prior for k in job.keys])
+        residual = job.targets.to_array().astype(np.float64) @ m  # Mᵀ·t = onehot(z) − p_cal
+        prior = model.calibrated(np.stack([by_key[k].prior for k in job.keys]))
         z = (residual + prior).round()
         assert np.allclose(residual + prior, z, atol=1e-5) and set(np.unique(z.sum(1))) == {1.0}
         for k, row in zip(job.keys, z.argmax(1)):

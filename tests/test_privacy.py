@@ -143,7 +143,9 @@ def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets_o
     true = np.array([ledger[k].label for k in job.keys])
     labels = np.array([ledger[k].sent_label for k in job.keys])  # label-DP (ε = 2 by default): randomised
     assert 0 < np.sum(labels != true) < N // 4  # e^2/(1+e^2): about 12 % reported as the other class
-    prior = np.stack([ledger[k].prior for k in job.keys])  # (N, C)
+    raw = np.stack([ledger[k].prior for k in job.keys])  # (N, C): the backbone's p_b
+    prior = agent.model.calibrated(raw)  # p_cal: the board's own calibration, fitted without labels
+    assert agent.model.prior_bias is not None and np.allclose(prior.mean(0), 1 / c, atol=1e-4)
     onehot = np.eye(c)[labels]
     residual = onehot - prior
     assert not np.allclose(targets @ agent.secret.mixing(c), np.eye(c)[true] - prior, atol=1e-3)
@@ -152,7 +154,7 @@ def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets_o
         for cols in ((0, 1), (1, 0)):
             assert not np.allclose(targets[:, list(cols)], plain, atol=0.05), "targets are the plain residual"
     m = agent.secret.mixing(c)  # (K, C)
-    np.testing.assert_allclose(targets @ m, residual, atol=1e-5)  # exactly M·(onehot − p_b), seen through M
+    np.testing.assert_allclose(targets @ m, residual, atol=1e-5)  # exactly M·(onehot − p_cal), seen through M
     rest = targets - (targets @ m) @ m.T  # what lies outside M's columns: noise the server cannot tell apart
     assert np.linalg.norm(rest, axis=1).mean() > 0.1
 

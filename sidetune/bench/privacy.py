@@ -10,11 +10,15 @@ server guesses (``plain`` for the chat task, ``chat`` otherwise).
 
 Per defence, the product's own code paths: the board's randomised response
 (``edge_agent.label_dp.randomize``, as ``Ledger.draw_sent_labels`` uses it) and
-its targets (``DeviceSecret.targets``, K = 8, the agent's ``noise_std``), the
+its targets (``DeviceSecret.targets``, K = 8, the agent's ``noise_std``) formed
+against its calibrated prior ``p_cal`` (``edge_agent.calibration``, fitted on
+the device's training priors without labels), the
 server's trainer (``side_server.trainer.train``, the agent's default
 ``HyperParams``), the board's numpy forward pass for the held-out accuracy
-``argmax(p_b + Mᵀ·g(A))``. Defences: ``none`` (``label_epsilon = inf``), ``label_dp``
-(the agent's default ε) and ``label_dp_eps1`` (ε = 1); and, in the command,
+``argmax(p_cal + Mᵀ·g(A))``. Defences: ``none`` (``label_epsilon = inf``), ``label_dp``
+(the agent's default ε), ``label_dp_eps1`` (ε = 1) and ``label_dp_uncalibrated``
+(the default ε with the raw prior ``p_b``, as the board did before its
+calibration: what the calibration changes); and, in the command,
 ``board_training`` (``train_on = "board"``: the board's numpy trainer,
 ``edge_agent.board_trainer.train``, on targets of the true labels without noise,
 as ``Rounds`` builds them): nothing but the board's status leaves the board, so
@@ -30,6 +34,9 @@ training samples (what the server received):
   backbone leans away from (``onehot(y) − p_b`` is small where the backbone is
   already right). The lean is read from the public reviews' priors under the
   true prompt. No known device example. Two classes only (else null);
+* ``targets_pc1_count``: the same split, the larger side named the class that is
+  the majority among the public reviews (what is left once the norms are calibrated:
+  the sizes of the sides);
 * ``pca_one_known``: the same split, the flip resolved by one known device example;
 * ``model_output``: the side network the server trained, run on the device's
   cached activations; a logistic probe on its K outputs fitted to the public
@@ -65,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.calibration import calibrate, fit_prior_bias
 from edge_agent.config import EdgeSettings
 from edge_agent.features import default_taps
 from edge_agent.label_dp import keep_probability, randomize
@@ -76,7 +84,7 @@ from sidetune.bench.accuracy import BOTTLENECK, MAX_LENGTH, NOISE_STD, OUT_DIM, 
 Progress = Callable[[str], None]
 
 DEFAULT_EPSILON: float = EdgeSettings.model_fields["label_epsilon"].default
-TARGET_ATTACKS = ("residual_argmax", "targets_pc1_norm", "pca_one_known")
+TARGET_ATTACKS = ("residual_argmax", "targets_pc1_norm", "targets_pc1_count", "pca_one_known")
 LABEL_ATTACKS = (*TARGET_ATTACKS, "model_output", "public_probe_true_prompt", "public_probe_guessed_prompt")
 TEXT_ATTACKS = ("text_match", "text_match_guessed_prompt")
 ATTACKS = (*LABEL_ATTACKS, *TEXT_ATTACKS)
@@ -84,7 +92,8 @@ ATTACKS = (*LABEL_ATTACKS, *TEXT_ATTACKS)
 
 def defences(default_epsilon: float = DEFAULT_EPSILON) -> dict[str, dict[str, Any]]:
     """name → params; ``epsilon`` None = no randomised response."""
-    return {"none": {"epsilon": None}, "label_dp": {"epsilon": default_epsilon}, "label_dp_eps1": {"epsilon": 1.0}}
+    return {"none": {"epsilon": None}, "label_dp": {"epsilon": default_epsilon}, "label_dp_eps1": {"epsilon": 1.0},
+            "label_dp_uncalibrated": {"epsilon": default_epsilon, "calibrated": False}}
 
 
 # ------------------------------------------------------------------ attack helpers
@@ -162,11 +171,13 @@ def text_match(queries: np.ndarray, candidates: np.ndarray, truth: np.ndarray, o
     return hits / len(q)
 
 
-def target_attacks(targets: np.ndarray, y: np.ndarray, classes: int, lean: int) -> dict[str, float | None]:
-    """The three attacks on the targets alone (``lean``: the class the backbone favours on public data)."""
+def target_attacks(targets: np.ndarray, y: np.ndarray, classes: int, lean: int,
+                   majority: int | None = None) -> dict[str, float | None]:
+    """The attacks on the targets alone (``lean``: the class the backbone favours on public data;
+    ``majority``: the most frequent class of the public data, ``lean`` when not given)."""
     out: dict[str, float | None] = {
         "residual_argmax": float(np.mean(targets[:, :classes].argmax(1) == y)),
-        "targets_pc1_norm": None, "pca_one_known": None}
+        "targets_pc1_norm": None, "targets_pc1_count": None, "pca_one_known": None}
     if classes != 2:
         return out
     side = _pc1(targets) > 0
@@ -175,6 +186,9 @@ def target_attacks(targets: np.ndarray, y: np.ndarray, classes: int, lean: int) 
     other = 1 - lean
     guess = np.where(side == big, other, lean)
     out["targets_pc1_norm"] = float(np.mean(guess == y))
+    most = lean if majority is None else majority
+    larger = bool(side.sum() * 2 > len(side))  # the side with more samples
+    out["targets_pc1_count"] = float(np.mean(np.where(side == larger, most, 1 - most) == y))
     known = np.where(side == side[0], y[0], 1 - y[0])  # one device example known
     out["pca_one_known"] = float(np.mean(known == y))
     return out
@@ -219,6 +233,8 @@ def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int
         sp = Split(perm[:public], perm[public : public + train], perm[public + train : public + train + holdout])
         y_tr, y_pub = dev.labels[sp.train], dev.labels[sp.public]
         lean = int(prior[sp.public].mean(0).argmax())
+        majority = int(np.bincount(y_pub, minlength=c).argmax())
+        bias = fit_prior_bias(prior[sp.train])  # the board's calibration: its training priors, no label
         # --- the activation attacks: the same activations travel under every label defence
         t0 = time.perf_counter()
         shared = {
@@ -234,13 +250,15 @@ def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int
         for name, params in chosen.items():
             eps = params["epsilon"]
             secret = DeviceSecret.generate(out_dim, rng)
+            b = bias if params.get("calibrated", True) else None
+            p_train, p_hold = calibrate(prior[sp.train], b), calibrate(prior[sp.holdout], b)
             if params.get("train_on") == "board":
                 c0 = time.process_time()
-                targets = secret.targets(y_tr, dev.prior[sp.train], 0.0, rng)
+                targets = secret.targets(y_tr, p_train, 0.0, rng)
                 blob, _ = board_train(spec, hyper, tapped[sp.train], targets)
                 board_cpu = time.process_time() - c0
                 g_te = SideNetForward.from_bytes(spec, blob)(dev.states[sp.holdout])
-                acc = float(np.mean((prior[sp.holdout] + secret.unmix(g_te, c)).argmax(1) == dev.labels[sp.holdout]))
+                acc = float(np.mean((p_hold + secret.unmix(g_te, c)).argmax(1) == dev.labels[sp.holdout]))
                 row = per[name]
                 row["task_accuracy"].append(acc)
                 row["device_cpu_s"].append(cpu_per_sample * train + board_cpu)
@@ -252,17 +270,17 @@ def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int
                 continue
             c0 = time.process_time()
             z = randomize(y_tr, c, math.inf if eps is None else eps, rng)
-            targets = secret.targets(z, dev.prior[sp.train], noise_std, rng)
+            targets = secret.targets(z, p_train, noise_std, rng)
             board_cpu = time.process_time() - c0
             net, _ = server_train(spec, hyper, tapped[sp.train].astype(np.float32), targets)
             fwd = SideNetForward.from_bytes(spec, net.to_weights())
             g_te = fwd(dev.states[sp.holdout])
-            acc = float(np.mean((prior[sp.holdout] + secret.unmix(g_te, c)).argmax(1) == dev.labels[sp.holdout]))
+            acc = float(np.mean((p_hold + secret.unmix(g_te, c)).argmax(1) == dev.labels[sp.holdout]))
             # the server's model of the labels: its own network on the device's cached activations,
             # the classes named by a probe on its outputs for the public reviews
             w = fit_logistic(fwd(dev.states[sp.public]).astype(np.float64), y_pub, c, 1e-3)
             attacks: dict[str, float | None] = {
-                **target_attacks(targets, y_tr, c, lean),
+                **target_attacks(targets, y_tr, c, lean, majority),
                 "model_output": float(np.mean(predict_logistic(w, fwd(dev.states[sp.train]).astype(np.float64))
                                               == y_tr)),
                 **shared}
@@ -274,7 +292,7 @@ def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int
                 row["attacks"][k].append(v)
             progress(f"split {s + 1}/{splits}: {name} ({'ε=' + format(eps, 'g') if eps else 'no label-DP'}): "
                      f"task {acc:.3f}, kept labels {row['keep'][-1]:.3f}, "
-                     + "  ".join(f"{k} {v:.3f}" for k, v in attacks.items() if k in LABEL_ATTACKS[:4]
+                     + "  ".join(f"{k} {v:.3f}" for k, v in attacks.items() if k in LABEL_ATTACKS[:5]
                                  and v is not None))
     return {"params": chosen, "per_split": per, "chance": float(np.bincount(dev.labels, minlength=c).max() / n)}
 
