@@ -44,8 +44,9 @@ from tests.loop_helpers import FINGERPRINT, SPEC, Device, make_batch, make_job, 
 pytestmark = pytest.mark.integration
 
 #: Keys a message may touch even when it is rejected: the device's token bucket, when it was
-#: last heard from, and the training time of devices (scheduling).
-BOOKKEEPING = (b"st:rate:", b"st:seen", b"st:service")
+#: last heard from, and the training time of devices (scheduling); and the fleet's records of
+#: rejections (side_server/fleet.py: counts and the last reasons, bounded, expiring).
+BOOKKEEPING = (b"st:rate:", b"st:seen", b"st:service", b"sidetune:fleet:")
 
 
 def snapshot(r: redis.Redis) -> dict[bytes, bytes | None]:
