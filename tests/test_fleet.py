@@ -21,6 +21,7 @@ from sidetune.cli import main
 from sidetune.services import SERVER_USER, RedisServer, free_port
 from tests.loop_helpers import (
     AgentThread,
+    clear_device,
     edge_settings,
     make_batch,
     make_job,
@@ -49,6 +50,7 @@ def test_fleet_after_a_real_round(tmp_path, tiny_backbone, mosquitto, redis_url,
                                   mqtt_client, capsys):
     device, password = device_account
     wid = f"fleet-{uuid.uuid4().hex[:8]}"
+    clear_device(mqtt_client, device)  # no retained adapter of an earlier test on this account
     worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], worker_id=wid,
                                           share_group=wid))
     holdout = write_jsonl(tmp_path / "holdout.jsonl", make_samples(60, seed=99))
@@ -75,6 +77,7 @@ def test_fleet_after_a_real_round(tmp_path, tiny_backbone, mosquitto, redis_url,
         wait_for(lambda: (d := device_detail(r, device)) and d["online"] is False, 30, "the device offline")
     finally:
         worker.stop()
+        clear_device(mqtt_client, device, [wid])  # the round's retained adapter, the worker's session
     gone = device_detail(r, device)
     assert gone is not None and gone["adapter_version"] == 1 and gone["last_round"] is not None
     [dev] = [d for d in snap["devices"] if d["device"] == device]
