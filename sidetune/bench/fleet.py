@@ -570,6 +570,7 @@ def run_fleet_bench(boards: int, samples: int, workers: int, cluster: bool, json
         progress("go: every board sends its job")
         cached_at: dict[str, float] = {}
         cached_n: dict[str, int] = {}
+        cpu_ingest: dict[str, float] | None = None
         ended: dict[str, tuple[str, float, str, int, int]] = {}
         next_note = time.monotonic() + 2.0
         deadline = time.monotonic() + timeout
@@ -584,6 +585,8 @@ def run_fleet_bench(boards: int, samples: int, workers: int, cluster: bool, json
                     cached_n[dev] = max(cached_n.get(dev, 0), ev[3])
                     if ev[3] >= samples:
                         cached_at.setdefault(dev, at)
+                        if len(cached_at) == boards and cpu_ingest is None:  # where the CPU went while ingesting
+                            cpu_ingest = {k: sum(_cpu_seconds(p) for p in v) - cpu0[k] for k, v in pids.items()}
                 elif kind in ("done", "failed"):
                     ended.setdefault(dev, (kind, at, ev[3], ev[4], ev[5]))
             dead = [w for w in services.workers if w.poll() is not None]
@@ -630,7 +633,7 @@ def run_fleet_bench(boards: int, samples: int, workers: int, cluster: bool, json
         failures = sorted({e[2][:200] for e in ended.values() if e[0] == "failed"})
         up = [e[3] for e in ended.values() if e[0] == "done"]
         msgs = [e[4] for e in ended.values() if e[0] == "done"]
-        _print_table(result, feats, per_sample, t_end - t0, ingest_s, cpu, len(procs),
+        _print_table(result, feats, per_sample, t_end - t0, ingest_s, cpu, cpu_ingest, len(procs),
                      sum(up) / len(up) if up else 0.0, sum(msgs) / len(msgs) if msgs else 0.0, failures)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -665,7 +668,8 @@ def _samples_lost(r: Any, jobs: dict[str, tuple[str, list[str]]]) -> int:
 
 
 def _print_table(res: dict[str, Any], feats: Features, per_sample: int, seconds: float, ingest_s: float,
-                 cpu: dict[str, float], nproc: int, bytes_up: float, msgs_up: float, failures: list[str]) -> None:
+                 cpu: dict[str, float], cpu_ingest: dict[str, float] | None, nproc: int, bytes_up: float,
+                 msgs_up: float, failures: list[str]) -> None:
     tta = res["time_to_adapter_s"]
     jobs_min = res["jobs_completed"] / (seconds / 60) if seconds > 0 else 0.0
     rows = [
@@ -688,6 +692,12 @@ def _print_table(res: dict[str, Any], feats: Features, per_sample: int, seconds:
                      ("broker", "CPU: mosquitto"), ("redis", "CPU: redis"), ("bench", "CPU: this process")):
         extra = f", {cpu[k] / max(1, res['boards']):.2f} s per board round" if k == "workers" else ""
         rows.append((label, f"{cpu[k]:.1f} s ({100 * cpu[k] / total:.0f} %){extra}"))
+    if cpu_ingest is not None:
+        n = res["boards"] * res["samples"]
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in cpu_ingest.items())
+        rows.append(("CPU until all cached", parts))
+        rows.append(("", f"workers: {n / max(cpu_ingest['workers'], 1e-9):.0f} samples per CPU-second "
+                         "(training of the jobs ready by then included)"))
     rows.append(("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())))
     width = max(len(k) for k, _ in rows)
     print()
