@@ -374,9 +374,9 @@ def test_agent_stopped_mid_upload_and_started_again(fleet):
         agent = EdgeAgent(settings)
         with AgentThread(agent):
             fleet.start_round(agent)
+            # stopped mid-upload; while it stops, the worker may still store all the agent had
+            # already handed to the broker (a fast worker often does: not asserted)
             wait_for(mid_upload(worker), 30, "the upload to begin", poll=0.005)
-        cached_at_stop = worker.stats.samples_cached
-        assert cached_at_stop < N
         with AgentThread(EdgeAgent(settings)) as again:
             row = wait_for(lambda: round_state(again, 1), 40, "round 1 after the agent restarted")
             fleet.assert_nothing_lost(row, job_of(again, fleet.device).keys)  # type: ignore[arg-type]
