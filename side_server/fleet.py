@@ -218,12 +218,10 @@ class FleetLog:
                 pipe.hset(losses, str(epoch), entry)
             pipe.expire(losses, self.retention)
             key = _dk(device, f"job:{job_id}")
-            pipe.hset(key, "state", "training")
+            # one trainer per job: its epochs come in order (after a crash, again from its checkpoint's)
+            pipe.hset(key, mapping={"state": "training", "epochs_done": epoch, "train_loss": train_loss})
             pipe.expire(key, self.retention)
-            pipe.hget(key, "epochs_done")
-            done = _i(cast(bytes | None, pipe.execute()[-1]))
-            if epoch > done:  # the newest epoch (one trained again after a crash does not count twice)
-                self.r.hset(key, mapping={"epochs_done": epoch, "train_loss": train_loss})
+            pipe.execute()  # one round trip per epoch
         except redis.RedisError as e:
             self._dropped(f"epoch {epoch} of {device}/{job_id}", e)
 
