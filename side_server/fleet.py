@@ -60,6 +60,9 @@ JOBS = f"{PREFIX}:jobs"
 LIMITS = f"{PREFIX}:limits"
 REJECTION_MINUTES = f"{PREFIX}:rejection_minutes"
 
+#: What a fleet write drops: Redis's errors, and a cluster's own (not a RedisError in redis-py).
+STORE_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+
 __all__ = ["FleetLog", "device_detail", "fleet_snapshot", "job_detail"]
 
 
@@ -119,7 +122,7 @@ class FleetLog:
             pipe.hset(LIMITS, mapping={"cache_bytes": cache_bytes, "jobs_in_flight": jobs_in_flight})
             pipe.expire(LIMITS, self.retention)
             pipe.execute()
-        except redis.RedisError as e:
+        except STORE_ERRORS as e:
             self._dropped("the limits", e)
 
     def status(self, device: str, state: str, agent_version: str, adapter_version: int,
@@ -136,7 +139,7 @@ class FleetLog:
             pipe.execute()
             if last_round is not None:
                 self.round(device, last_round)
-        except redis.RedisError as e:
+        except STORE_ERRORS as e:
             self._dropped(f"the status of {device}", e)
 
     def round(self, device: str, summary: dict[str, Any]) -> None:
@@ -158,7 +161,7 @@ class FleetLog:
             pipe.zremrangebyrank(key, 0, -(ROUNDS_KEPT + 1))
             pipe.expire(key, self.retention)
             pipe.execute()
-        except redis.RedisError as e:
+        except STORE_ERRORS as e:
             self._dropped(f"round {n} of {device}", e)
 
     def job(self, device: str, job_id: str, *, samples: int, epochs: int, created_at: float | None = None) -> None:
@@ -180,7 +183,7 @@ class FleetLog:
             pipe.expire(JOBS, self.retention)
             self._seen(pipe, device, at)
             pipe.execute()
-        except redis.RedisError as e:
+        except STORE_ERRORS as e:
             self._dropped(f"job {device}/{job_id}", e)
 
     def job_state(self, device: str, job_id: str, state: str, *, reason: str = "",
@@ -199,13 +202,13 @@ class FleetLog:
             pipe.hset(key, mapping=cast(dict[Any, Any], fields))
             pipe.expire(key, self.retention)
             pipe.execute()
-        except redis.RedisError as e:
+        except STORE_ERRORS as e:
             self._dropped(f"job {device}/{job_id}", e)
 
     def created_at(self, device: str, job_id: str) -> float | None:
         try:
             return _f(cast(bytes | None, self.r.hget(_dk(device, f"job:{job_id}"), "created_at")))
-        except redis.RedisError:
+        except STORE_ERRORS:
             return None
 
     def epoch(self, device: str, job_id: str, epoch: int, train_loss: float, val_loss: float | None) -> None:
@@ -222,7 +225,7 @@ class FleetLog:
             pipe.hset(key, mapping={"state": "training", "epochs_done": epoch, "train_loss": train_loss})
             pipe.expire(key, self.retention)
             pipe.execute()  # one round trip per epoch
-        except redis.RedisError as e:
+        except STORE_ERRORS as e:
             self._dropped(f"epoch {epoch} of {device}/{job_id}", e)
 
     def rejection(self, device: str | None, code: str, reason: str, count: int = 1) -> None:
@@ -248,7 +251,7 @@ class FleetLog:
                 pipe.expire(last, self.retention)
                 self._seen(pipe, device, now)
             pipe.execute()
-        except redis.RedisError as e:
+        except STORE_ERRORS as e:
             self._dropped(f"a rejection ({code})", e)
 
 

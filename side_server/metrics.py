@@ -113,7 +113,7 @@ class _FleetGauges(Collector):
         self.w = worker
 
     def collect(self) -> Iterable[Any]:
-        from side_server.fleet import DEVICES
+        from side_server.fleet import DEVICES, STORE_ERRORS
 
         up = GaugeMetricFamily("sidetune_redis_up", "1 if Redis answered this scrape")
         try:
@@ -125,7 +125,7 @@ class _FleetGauges(Collector):
             known = cast(list[bytes], self.w.r.zrangebyscore(DEVICES, since, "+inf"))
             devices = sorted({d.decode() for d in known} | {d for d, _ in active})
             cached = [(d, self.w.cache.used(d), self.w.cache.samples(d)) for d in devices]
-        except redis.RedisError:
+        except STORE_ERRORS:
             up.add_metric([], 0)
             yield up
             return
@@ -204,7 +204,7 @@ class MetricsServer:
         try:
             w.r.ping()
             redis_ok = True
-        except redis.RedisError as e:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as e:
             redis_ok = False
             why = f"redis unreachable: {e}"
         if not broker:
