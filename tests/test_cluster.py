@@ -139,6 +139,28 @@ def test_every_script_and_pipeline_runs_on_one_slot_and_devices_spread(rc, redis
     assert set(store.service(devices)) == set(devices)
 
 
+def test_the_fleet_records_on_the_cluster(rc):
+    """side_server/fleet.py's records (per device hash-tagged, a few fleet-wide keys) work there too:
+    what a worker writes is what `sidetune fleet` reads back."""
+    from side_server.fleet import FleetLog, device_detail, fleet_snapshot
+
+    class Strict(FleetLog):
+        def _dropped(self, what: str, e: Exception) -> None:
+            raise e  # a record the cluster refused fails the test (the worker only logs it)
+
+    log = Strict(rc)
+    for d in ("dev-01", "dev-02", "dev-03"):
+        log.status(d, "online", "1.0", 1, "ab" * 32, time.time(), None)
+        log.round(d, {"round": 1, "samples": 10, "forward_passes": 10, "adapter_version": 1})
+        log.job(d, "r1-x", samples=10, epochs=2)
+        log.epoch(d, "r1-x", 1, 0.5, 0.6)
+        log.job_state(d, "r1-x", "done")
+        log.rejection(d, "invalid", "a test rejection")
+    snap = fleet_snapshot(rc)
+    assert len(snap["devices"]) == 3 and len(snap["jobs"]) == 3
+    assert device_detail(rc, "dev-02") is not None
+
+
 # --------------------------------------------------------------------------- the upload window
 
 
