@@ -74,8 +74,13 @@ def int8_backbone(fp32_dir: Path, progress: Progress) -> Path:
     if m.quantization:
         raise UsageError(f"{fp32_dir} holds a {m.quantization} graph: give the fp32 export as --backbone")
     target = fp32_dir.with_name(fp32_dir.name + "-int8")
-    if (target / "manifest.json").exists() and read_manifest(target).source == m.source:
-        return target
+    from backbone_export.quantize import INT8_SETTINGS
+
+    if (target / "manifest.json").exists():
+        old = read_manifest(target)
+        settings = old.quantization_settings or {}
+        if old.source == m.source and all(settings.get(k) == v for k, v in INT8_SETTINGS.items()):
+            return target  # same model, exported with today's int8 settings
     from backbone_export import export_backbone
 
     progress(f"exporting the int8 graph of {m.source} to {target} (first run only, ~2 min)")
