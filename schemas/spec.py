@@ -33,6 +33,10 @@ class SideNetSpec(_Frozen):
     out_dim: int = Field(ge=2, le=256)
     norm: Literal["layernorm", "none"] = "layernorm"
     activation: Literal["gelu", "relu", "tanh"] = "gelu"
+    #: Which pivot states the board sends: ``"all"`` L+1 rows per sample (embedding and every layer), or
+    #: ``"taps"`` only the tapped rows the side network reads (SmolLM2, default taps: 10 of 31, a third of
+    #: the bytes; the network trained is the same). See ``wire_rows`` and ``tap_rows``.
+    states: Literal["all", "taps"] = "all"
 
     @field_validator("taps")
     @classmethod
@@ -48,6 +52,23 @@ class SideNetSpec(_Frozen):
         if self.taps[-1] >= self.num_states:
             raise ValueError(f"tap {self.taps[-1]} is out of range for {self.num_states} pivot states")
         return self
+
+    @property
+    def wire_rows(self) -> tuple[int, ...]:
+        """Indices (into the L+1 pivot states) of the rows an activation batch carries per sample."""
+        return self.taps if self.states == "taps" else tuple(range(self.num_states))
+
+    @property
+    def tap_rows(self) -> tuple[int, ...]:
+        """Where the taps sit among the rows that travel (what the server's cache hands the trainer)."""
+        return tuple(range(len(self.taps))) if self.states == "taps" else self.taps
+
+    def key_scope(self, pivot: str) -> str:
+        """The pivot rule as the sample key binds it (edge_agent/keys.py): with ``states = "taps"`` it
+        also names the rows sent, so a cached sample is never read back under another set of rows."""
+        if self.states == "all":
+            return pivot
+        return f"{pivot}/rows=" + ",".join(str(t) for t in self.taps)
 
 
 class HyperParams(_Frozen):
