@@ -343,7 +343,7 @@ class Worker:
             self.store.received(dev, jid, keys)
 
     def _window_samples(self, spec: SideNetSpec) -> int:
-        return max(1, self.s.upload_window_bytes // (2 * spec.num_states * spec.width))
+        return max(1, self.s.upload_window_bytes // (2 * len(spec.wire_rows) * spec.width))
 
     def _window(self, device: str, job_id: str, spec: SideNetSpec) -> tuple[str, ...]:
         """What to ask the device for now: its next ``upload_window_bytes`` of missing samples."""
@@ -359,7 +359,7 @@ class Worker:
             return  # a late resend: the job needs nothing more, its samples' TTLs are left alone
         if batch.backbone_fingerprint != rec.fingerprint:
             raise Rejected("spec_mismatch", "activations come from another backbone than the job's")
-        want = (rec.spec.num_states, rec.spec.width)
+        want = (len(rec.spec.wire_rows), rec.spec.width)  # every pivot state, or the taps only
         if tuple(batch.states.shape[1:]) != want:
             raise Rejected("spec_mismatch", f"states have shape {list(batch.states.shape[1:])} per sample, "
                                             f"the job's spec needs {list(want)}")
@@ -501,7 +501,7 @@ class Worker:
         if got is not None and len(got[0]) == len(keys):
             self._loaded.move_to_end((device, job_id))
             return got[0], got[1], keys, []
-        states, gone = self.cache.get_many(device, keys, rec.spec.taps)
+        states, gone = self.cache.get_many(device, keys, rec.spec.tap_rows)
         targets = self.store.targets(device, job_id, rec)
         if states is not None and targets is not None:
             self._loaded[(device, job_id)] = (states, targets)
