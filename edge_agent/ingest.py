@@ -31,7 +31,7 @@ def ingest_inbox(inbox: Path, model: LocalModel, ledger: Ledger, pet: Callable[[
         for i in range(0, len(parsed.good), CHUNK):
             part = parsed.good[i : i + CHUNK]
             for (_, label), tok in zip(part, model.fx.token_ids([t for t, _ in part])):
-                key = sample_key(model.secret.key, model.backbone.fingerprint, model.backbone.pivot, tok)
+                key = sample_key(model.secret.key, model.backbone.fingerprint, model.spec.key_scope(model.backbone.pivot), tok)
                 rows.append((key, model.task.label_index(label), tok))
             pet()
         new = ledger.add_samples(rows)

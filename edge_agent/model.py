@@ -42,7 +42,8 @@ class LocalModel:
             raise ConfigurationError(str(e)) from None
         taps = tuple(settings.taps) if settings.taps else tuple(default_taps(self.backbone.num_layers))
         self.spec = SideNetSpec(num_states=self.backbone.num_layers + 1, width=self.backbone.hidden_size, taps=taps,
-                                bottleneck=settings.bottleneck, out_dim=settings.out_dim)
+                                bottleneck=settings.bottleneck, out_dim=settings.out_dim,
+                                states=settings.wire_states)
         self.adapter: adapters.InstalledAdapter | None = None
         try:
             self.adapter = adapters.load(self.state_dir, self.spec, self.backbone.fingerprint)

@@ -42,15 +42,18 @@ def activation_messages(settings: EdgeSettings, model: LocalModel, ledger: Ledge
             s.states = f.states[j].astype("<f2").tobytes()
     known = [k for k in keys if k in by_key]
     n_states, width = model.spec.num_states, model.spec.width
+    rows = list(model.spec.wire_rows)  # every pivot state, or only the tapped ones (spec.states)
     messages = []
     for i in range(0, len(known), settings.upload_batch):
         part = known[i : i + settings.upload_batch]
         raw = b"".join(by_key[k].states or b"" for k in part)
+        arr = np.frombuffer(raw, "<f2").reshape(len(part), n_states, width)
+        if len(rows) != n_states:
+            arr = arr[:, rows]
         if settings.wire_dtype == "float16":
-            states = WireTensor(dtype="float16", shape=(len(part), n_states, width), data=raw)
+            states = WireTensor(dtype="float16", shape=arr.shape, data=np.ascontiguousarray(arr).tobytes())
         else:
-            arr = np.frombuffer(raw, "<f2").reshape(len(part), n_states, width).astype(np.float32)
-            states = WireTensor.from_array(arr, settings.wire_dtype)  # type: ignore[arg-type]
+            states = WireTensor.from_array(arr.astype(np.float32), settings.wire_dtype)  # type: ignore[arg-type]
         batch = ActivationBatch(device_id=settings.device_id, job_id=job_id,
                                 backbone_fingerprint=model.backbone.fingerprint, keys=tuple(part), states=states)
         t, payload = encode(batch)

@@ -36,7 +36,14 @@ import numpy as np
 
 from schemas.errors import UsageError
 from schemas.manifest import read_manifest
-from sidetune.bench.features import BOTTLENECK, MAX_LENGTH, NOISE_STD, OUT_DIM, TaskFeatures
+from sidetune.bench.features import (
+    BOTTLENECK,
+    MAX_LENGTH,
+    NOISE_STD,
+    OUT_DIM,
+    WIRE_STATES,
+    TaskFeatures,
+)
 from sidetune.bench.measure import cpu_seconds, peak_rss_mb, run_child
 from sidetune.data import CLASSES, NEWS_CLASSES, Review
 
@@ -164,7 +171,7 @@ def side_network_methods(f32: TaskFeatures, f8: TaskFeatures | None, tr: np.ndar
     n_states, width = f32.states.shape[1:]
     c = f32.prior.shape[1]
     spec = SideNetSpec(num_states=n_states, width=width, taps=tuple(default_taps(n_states - 1)),
-                       bottleneck=BOTTLENECK, out_dim=max(OUT_DIM, c))
+                       bottleneck=BOTTLENECK, out_dim=max(OUT_DIM, c), states=WIRE_STATES)
     clear_spec = spec.model_copy(update={"out_dim": c})
     taps = list(spec.taps)
     y_tr, y_te = f32.labels[tr], f32.labels[te]

@@ -30,6 +30,7 @@ from sidetune.data import CLASSES, NEWS_CLASSES, Review
 _AGENT = EdgeSettings.model_fields  # the benches train what an agent with default settings asks for
 OUT_DIM, BOTTLENECK, NOISE_STD = (_AGENT[k].default for k in ("out_dim", "bottleneck", "noise_std"))
 MAX_LENGTH = _AGENT["max_length"].default
+WIRE_STATES = _AGENT["wire_states"].default  # which pivot states an agent sends
 
 PLAIN_TASK = {"name": "rotten-tomatoes-plain", "template": "Review: {text}\nSentiment:",
               "classes": list(CLASSES), "verbalizers": [" positive", " negative"]}

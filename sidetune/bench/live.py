@@ -134,14 +134,15 @@ def ingest(port: int, password: str, spec: SideNetSpec, n: int, epochs: int,
     rng = np.random.default_rng(0)
     keys = tuple(secrets.token_hex(32) for _ in range(n))
     fingerprint = secrets.token_hex(32)
-    states = rng.normal(size=(n, spec.num_states, spec.width)).astype(np.float16)
+    rows = len(spec.wire_rows)  # the rows a board with this spec sends per sample
+    states = rng.normal(size=(n, rows, spec.width)).astype(np.float16)
     job = Job(device_id=INGEST, job_id=f"ingest-{secrets.token_hex(4)}", backbone_fingerprint=fingerprint, spec=spec,
               hyper=HyperParams(epochs=epochs), keys=keys,
               targets=WireTensor.from_array(rng.normal(size=(n, spec.out_dim)).astype(np.float32), "float32"))
     batches = [encode(ActivationBatch(device_id=INGEST, job_id=job.job_id, backbone_fingerprint=fingerprint,
                                       keys=keys[i : i + batch],
                                       states=WireTensor(dtype="float16", shape=(len(keys[i : i + batch]),
-                                                        spec.num_states, spec.width),
+                                                        rows, spec.width),
                                                         data=states[i : i + batch].tobytes())))
                for i in range(0, n, batch)]
     events: dict[str, float] = {}

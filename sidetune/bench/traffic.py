@@ -1,8 +1,9 @@
 """Bytes per sample of a whole job, counted from real encoded messages of the contract's codec (schemas/wire.py).
 
 * sidetune: the job (keys and mixed targets) and the activation batches of the pivot states up
-  (``upload_batch`` samples a message, in the wire dtype), the cache report, one progress message
-  per epoch and the adapter down; every sample's states travel once per job.
+  (``upload_batch`` samples a message, in the wire dtype; every layer's or only the tapped ones, as
+  the spec's ``states`` says), the cache report, one progress message per epoch and the adapter
+  down; every sample's states travel once per job.
 * full_activation (MobiLLM-style side-tuning without a cache): all T × (L+1) × d activations of
   every sample, every epoch, up (one activation message per sample, one row per token), plus the
   same job and adapter as sidetune.
@@ -70,7 +71,9 @@ def activation_bytes(states: np.ndarray, wire_dtype: str, fingerprint: str, uplo
 def sidetune_bytes(states: np.ndarray, spec: SideNetSpec, hyper: HyperParams, fingerprint: str, weights: bytes,
                    wire_dtype: str = "float16", upload_batch: int = 64) -> dict[str, float]:
     n = len(states)
-    up = job_bytes(spec, hyper, n, fingerprint) + activation_bytes(states, wire_dtype, fingerprint, upload_batch)
+    rows = list(spec.wire_rows)  # every pivot state, or only the tapped ones (spec.states)
+    sent = states if len(rows) == states.shape[1] else states[:, rows]
+    up = job_bytes(spec, hyper, n, fingerprint) + activation_bytes(sent, wire_dtype, fingerprint, upload_batch)
     down = down_bytes(spec, hyper, n, fingerprint, weights)
     return {"up": up / n, "down": down / n, "per_sample": (up + down) / n}
 
