@@ -86,7 +86,7 @@ def int8_backbone(fp32_dir: Path, progress: Progress) -> Path:
     if (target / "manifest.json").exists():
         old = read_manifest(target)
         settings = old.quantization_settings or {}
-        if old.source == m.source and all(settings.get(k) == v for k, v in INT8_SETTINGS.items()):
+        if old.source_path == m.source_path and all(settings.get(k) == v for k, v in INT8_SETTINGS.items()):
             return target  # same model, exported with today's int8 settings
     from backbone_export import export_backbone
 
