@@ -129,10 +129,10 @@ def test_the_server_sees_no_text_no_token_ids_no_labels_and_only_mixed_targets_o
     (job,) = jobs
     spec = job.spec
     for b in batches:
-        assert tuple(b.states.shape[1:]) == (spec.num_states, spec.width)  # L+1 pivot vectors, never T×L×d
+        assert tuple(b.states.shape[1:]) == (len(spec.wire_rows), spec.width)  # pivot vectors, never T×L×d
     assert set(job.keys) == set(ledger)
     for s in list(ledger.values())[:10]:
-        plain = hashlib.sha256(KEY_DOMAIN + job.backbone_fingerprint.encode() + b"\0" + agent.backbone.pivot.encode() + b"\0"
+        plain = hashlib.sha256(KEY_DOMAIN + job.backbone_fingerprint.encode() + b"\0" + spec.key_scope(agent.backbone.pivot).encode() + b"\0"
                                + np.asarray(s.token_ids, "<i8").tobytes()).hexdigest()
         assert plain not in job.keys  # without the device's secret the server cannot test a guessed text
 
