@@ -38,7 +38,7 @@ class EdgeSettings(FileThenEnv):
     upload_batch: int = Field(default=64, ge=1, le=1024)
     wire_dtype: str = Field(default="float16", pattern="^(float16|int8|float32)$")
     #: Pivot states sent per sample: ``"taps"`` only the rows the side network reads (SmolLM2, default taps: 10
-    #: of 31 rows, 11.9 KB a sample in fp16 instead of 35.9 KB; the server trains the same network on the same
+    #: of 31 rows, 11.7 KB a sample up in fp16 instead of 35.9 KB; the server trains the same network on the same
     #: rows), ``"all"`` every layer's (what boards sent before; a changed setting gives new sample keys).
     wire_states: Literal["all", "taps"] = "taps"
     #: Side network the device asks for.
