@@ -599,6 +599,9 @@ def run_fleet_bench(boards: int, samples: int, workers: int, cluster: bool, json
                 progress(f"{time.time() - t0:6.1f} s: samples cached {sum(cached_n.values())}/{boards * samples}, "
                          f"adapters {done}/{boards}, failed {len(ended) - done}")
         t_end = time.time()
+        done = sum(1 for e in ended.values() if e[0] == "done")
+        progress(f"{t_end - t0:6.1f} s: samples cached {sum(cached_n.values())}/{boards * samples}, "
+                 f"adapters {done}/{boards}, failed {len(ended) - done}: the end")
         cpu = {k: sum(_cpu_seconds(p) for p in v) - cpu0[k] for k, v in pids.items()}
         worker_rss = max((_peak_rss_mb(w.pid) for w in services.workers), default=0.0)
         broker_rss = _peak_rss_mb(services.mosquitto.pid) if services.mosquitto else 0.0
