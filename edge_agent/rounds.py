@@ -305,6 +305,9 @@ class Rounds:
     def _maybe_install_retained(self, update: AdapterUpdate) -> None:
         if update.version <= self.model.adapter_version:
             return
+        if self.s.train_on == "board":  # it runs only what it trained itself
+            log.warning("ignoring adapter v%d from the server: train_on = \"board\"", update.version)
+            return
         try:
             self.model.install(update)
         except SpecMismatch as e:

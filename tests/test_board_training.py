@@ -68,6 +68,7 @@ def test_the_same_data_and_seed_train_the_same_adapter_and_a_stop_keeps_the_best
 def test_a_board_round_sends_no_job_and_no_activations_and_lifts_accuracy(tmp_path, tiny_backbone, mosquitto,
                                                                          mqtt_client, device_account):
     from edge_agent.agent import EdgeAgent
+    from schemas import encode
     from sidetune.services import SERVER_USER
     from tests.loop_helpers import (
         AgentThread,
@@ -78,6 +79,7 @@ def test_a_board_round_sends_no_job_and_no_activations_and_lifts_accuracy(tmp_pa
         wait_for,
         write_jsonl,
     )
+    from tests.test_privacy import adapter_for
 
     device, password = device_account
     seen: list[str] = []
@@ -117,6 +119,13 @@ def test_a_board_round_sends_no_job_and_no_activations_and_lifts_accuracy(tmp_pa
         assert agent.ledger.outbox_size() == 0 or all(
             t.endswith("/status") for _, t, *_ in agent.ledger.outbox_after(0, 1000))
         time.sleep(1.0)  # anything queued would have reached the spy by now
+        # An adapter from the server (say, retained from a server-trained round) is not installed, whatever
+        # its version: a board that trains on its own runs only what it trained.
+        spy.publish(*encode(adapter_for(device, agent.spec, agent.backbone.fingerprint, 99)), qos=1,
+                    retain=True).wait_for_publish(5)
+        time.sleep(1.5)
+        assert agent.adapter is not None and agent.adapter.version == 2
+    spy.publish(topic(device, "adapter"), b"", qos=1, retain=True).wait_for_publish(5)  # the pool reuses accounts
     assert r1["bytes_up"] == 0 and r2["bytes_up"] == 0, (r1, r2)
     with lock:
         assert seen == [], seen
