@@ -159,19 +159,26 @@ def _features(path: Path) -> tuple[TaskFeatures, np.ndarray, np.ndarray, list[in
 # --------------------------------------------------------------------------- side networks over seeds
 
 
+def side_spec(f: TaskFeatures) -> Any:
+    """The side network an agent with default settings asks for on these features."""
+    from edge_agent.features import default_taps
+    from schemas.spec import SideNetSpec
+
+    n_states, width = f.states.shape[1:]
+    return SideNetSpec(num_states=n_states, width=width, taps=tuple(default_taps(n_states - 1)),
+                       bottleneck=BOTTLENECK, out_dim=max(OUT_DIM, f.prior.shape[1]), states=WIRE_STATES)
+
+
 def side_network_methods(f32: TaskFeatures, f8: TaskFeatures | None, tr: np.ndarray, te: np.ndarray, seeds: int,
                          progress: Progress) -> tuple[dict[str, list[float]], Any, Any]:
-    from edge_agent.features import default_taps
     from edge_agent.secret import DeviceSecret
-    from schemas.spec import HyperParams, SideNetSpec
+    from schemas.spec import HyperParams
     from schemas.tensors import WireTensor
     from sidetune.bench.accuracy import fit_bias
     from sidetune.bench.features import side_scores
 
-    n_states, width = f32.states.shape[1:]
     c = f32.prior.shape[1]
-    spec = SideNetSpec(num_states=n_states, width=width, taps=tuple(default_taps(n_states - 1)),
-                       bottleneck=BOTTLENECK, out_dim=max(OUT_DIM, c), states=WIRE_STATES)
+    spec = side_spec(f32)
     clear_spec = spec.model_copy(update={"out_dim": c})
     taps = list(spec.taps)
     y_tr, y_te = f32.labels[tr], f32.labels[te]
@@ -237,11 +244,12 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
                  f"job {res['device_cpu_s']:.0f} CPU-s, peak {res['device_peak_rss_mb']:.0f} MB")
         return res
 
-    fwd32 = forward("fp32", backbone_dir)
+    # The fp32 forward passes (the floor) run right before the real round, so both see the same load.
     fwd8 = forward("int8", int8_dir) if int8_dir is not None else None
+    fwd32 = forward("fp32", backbone_dir)
     f32, tr, te, lengths = _features(work / "fp32.npz")
     f8 = _features(work / "int8.npz")[0] if fwd8 is not None else None
-    acc, spec, clear_spec = side_network_methods(f32, f8, tr, te, seeds, lambda m: progress(f"{task_name}: {m}"))
+    spec = side_spec(f32)
 
     round_info: dict[str, Any] = {}
     if live:
@@ -252,6 +260,7 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
         round_info = real_round(backbone_dir, TaskSpec.from_dict(task.to_dict()), tr_rows, work / "round",
                                 epochs=HyperParams().epochs, threads=THREADS, spec=spec,
                                 ingest_samples=ingest_samples, progress=lambda m: progress(f"{task_name}: {m}"))
+    acc, spec, clear_spec = side_network_methods(f32, f8, tr, te, seeds, lambda m: progress(f"{task_name}: {m}"))
 
     lora: dict[str, Any] = {}
     if lora_epochs > 0:

@@ -153,6 +153,11 @@ def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: 
                          f"{fwd['int8']['forward_wall_s']:.1f} s wall; its zero-shot accuracy "
                          f"{d['accuracies'].get('zero_shot_int8', [float('nan')])[0]:.3f}")
         if rnd:
+            if rnd.get("agent_forward_phase_s") and rnd.get("time_to_adapter_s"):
+                notes.append(f"- in the round itself the agent's forward passes took {rnd['agent_forward_phase_s']:.1f} s "
+                             f"(its log: round start to job), the adapter was installed "
+                             f"{rnd['time_to_adapter_s'] - rnd['agent_forward_phase_s']:.1f} s later: "
+                             f"{rnd['time_to_adapter_s'] / rnd['agent_forward_phase_s']:.2f}× its own forward passes")
             notes.append(f"- real round ({rnd['state']}): the agent process {rnd.get('agent_cpu_s', 0):.0f} CPU-s, peak "
                          f"{rnd.get('agent_peak_rss_mb', 0):.0f} MB (sidetune's device figures); "
                          f"{rnd['bytes_up'] / max(rnd['samples'], 1):,.0f} B up and "

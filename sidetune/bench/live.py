@@ -52,6 +52,24 @@ def _vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def forward_phase(log: Path) -> float | None:
+    """Seconds from the round's start to its job (the agent's forward passes), from the agent's log."""
+    import datetime as dt
+
+    start = end = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "round starting:" in line or "round 1: job " in line:
+            try:
+                when = dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+            if "round starting:" in line and start is None:
+                start = when
+            elif "round 1: job " in line:
+                end = when
+    return end - start if start is not None and end is not None else None
+
+
 def task_toml(task: TaskSpec) -> str:
     d = task.to_dict()  # JSON strings are TOML basic strings
     return "".join(f"{k} = {json.dumps(v, ensure_ascii=False)}\n" for k, v in d.items())
@@ -103,7 +121,9 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
         _, status, ru = os.wait4(agent.pid, 0)
         agent.returncode = os.waitstatus_to_exitcode(status)
         procs.remove(agent)
+        phase = forward_phase(workdir / f"{BOARD}.log")
         out: dict[str, Any] = {
+            "agent_forward_phase_s": phase,
             "state": row["state"], "detail": row.get("detail"), "samples": row["samples"],
             "bytes_up": row["bytes_up"], "bytes_down": row["bytes_down"], "forward_passes": row["forward_passes"],
             "time_to_adapter_s": float(full["finished"]) - float(full["started"]) if full.get("finished") else None,
