@@ -40,7 +40,8 @@ def test_a_round_sending_only_the_tapped_states(tmp_path, tiny_backbone, mosquit
     device, password = device_account
     holdout = write_jsonl(tmp_path / "holdout.jsonl", make_samples(200, seed=99))
     settings = edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, holdout_file=holdout,
-                             taps=[2, 4], wire_states="taps")
+                             taps=[2, 4], wire_states="taps",
+                             label_epsilon=float("inf"))  # which rows travel, not label-DP: no label noise
     worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER]))
     try:
         with AgentThread(EdgeAgent(settings)) as agent:
