@@ -32,7 +32,7 @@ from typing import Any
 from edge_agent.ledger import Ledger
 from schemas.errors import SidetuneError, UsageError
 from sidetune.data import Review, load_reviews, shards
-from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port
+from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port, stop_groups
 
 # SmolLM2-135M-Instruct's own chat format. Its pivot states separate fresh from rotten better than
 # a plain "Review: {text}\nSentiment:" prompt does (README, "The demo's prompt").
@@ -157,14 +157,7 @@ def run_demo(args: argparse.Namespace) -> int:
             _keep_running(procs, server_conf)
         return 0 if ok else 1
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_groups(procs)
         broker.stop()
         cache.stop()
         if not args.workdir and not os.environ.get("SIDETUNE_KEEP_DEMO"):

@@ -17,6 +17,7 @@ import getpass
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +94,19 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_groups(procs: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM every child's process group (started with ``start_new_session=True``), then SIGKILL
+    the groups of those still running after ``grace`` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def render(template: Path | str, values: dict[str, str]) -> str:

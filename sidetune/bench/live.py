@@ -78,7 +78,7 @@ def task_toml(task: TaskSpec) -> str:
 def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir: Path, *, epochs: int, threads: int,
                spec: SideNetSpec, ingest_samples: int, progress: Callable[[str], None]) -> dict[str, Any]:
     from sidetune.demo import _follow, _jsonl, _spawn, _wait_healthy, _wait_inbox
-    from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port
+    from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port, stop_groups
 
     workdir.mkdir(parents=True, exist_ok=True)
     accounts = {SERVER_USER: secrets.token_hex(12), BOARD: secrets.token_hex(12), INGEST: secrets.token_hex(12)}
@@ -136,14 +136,7 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
             out.update(ingest(broker.port, accounts[INGEST], spec, ingest_samples, epochs, progress))
         return out
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except Exception:  # noqa: BLE001 - a child that will not stop is killed
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_groups(procs)
         broker.stop()
         cache.stop()
 
