@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from schemas.fingerprint import sha256_file
+from schemas.fingerprint import data_file, graph_bytes, graph_fingerprint
 from schemas.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -22,7 +22,7 @@ from schemas.manifest import (
 from .errors import ExportError
 from .load import CAUSAL, LoadedModel, load_model
 from .locate import locate_model
-from .onnx_export import INPUT_NAMES, export_onnx, verify_onnx
+from .onnx_export import INPUT_NAMES, export_onnx, externalize_weights, verify_onnx
 from .quantize import check_quantize, quantize_int8
 
 # Review-like texts for the parity check (every tiny test vocabulary covers them).
@@ -145,7 +145,7 @@ def export_backbone(
         if not tok_info["tokenizer_matches_source"]:
             progress("warning: tokenizer.json does not reproduce the source tokenizer exactly")
 
-        fp32_path = tmp / ("fp32.onnx" if q else ONNX_NAME)
+        fp32_path = tmp / "fp32.onnx"
         t = time.perf_counter()
         progress(f"exporting to ONNX (opset {opset}, legacy exporter) ...")
         outputs = export_onnx(loaded, fp32_path, opset=opset)
@@ -179,7 +179,7 @@ def export_backbone(
         if q == "int8":
             t = time.perf_counter()
             progress("quantizing to int8 (dynamic, ONNX Runtime) ...")
-            final = tmp / ONNX_NAME
+            final = tmp / "int8.onnx"
             quant_settings = quantize_int8(fp32_path, final)
             progress(
                 f"quantized to {final.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t:.1f} s"
@@ -193,7 +193,12 @@ def export_backbone(
             )
             fp32_path.unlink()
 
-        fingerprint = sha256_file(final)
+        # The weights beside the graph (backbone.onnx.data): the board maps them instead of parsing them.
+        staged = tmp / "graph" / ONNX_NAME
+        staged.parent.mkdir()
+        externalize_weights(final, staged)
+        final.unlink()
+        fingerprint = graph_fingerprint(staged)
         import onnxruntime
         import torch
         import transformers
@@ -203,7 +208,7 @@ def export_backbone(
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
             "onnx_file": ONNX_NAME,
-            "onnx_bytes": final.stat().st_size,
+            "onnx_bytes": graph_bytes(staged),
             "tokenizer_file": TOKENIZER_NAME,
             "model_type": cfg.model_type,
             "architecture": archs[0] if archs else type(loaded.model).__name__,
@@ -241,7 +246,11 @@ def export_backbone(
         if stale.exists():
             stale.unlink()
         os.replace(tmp / TOKENIZER_NAME, out / TOKENIZER_NAME)
-        os.replace(final, out / ONNX_NAME)
+        if data_file(staged).exists():
+            os.replace(data_file(staged), data_file(out / ONNX_NAME))
+        else:
+            data_file(out / ONNX_NAME).unlink(missing_ok=True)
+        os.replace(staged, out / ONNX_NAME)
         manifest.write(out)
     progress(
         f"wrote {out / ONNX_NAME} (fingerprint {fingerprint[:16]}...) in {manifest.export_seconds:.1f} s"

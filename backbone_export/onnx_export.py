@@ -150,3 +150,20 @@ def verify_onnx(
                 report["verify_logits_rel_error"], rel_error(out[LOGITS], ref_logits)
             )
     return report
+
+
+def externalize_weights(src: Path, dst: Path) -> None:
+    """Rewrite the single-file graph ``src`` as ``dst`` + ``dst.data`` (every tensor of 1 kB or more in
+    the data file). ONNX Runtime maps the data file instead of parsing a second copy of the weights,
+    which is what bounded the board's memory at load (schemas/fingerprint.py)."""
+    import onnx
+
+    from schemas.fingerprint import data_file
+
+    model = onnx.load(str(src))
+    try:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file(dst).name, size_threshold=1024)
+    except Exception as e:  # protobuf and I/O errors
+        raise ExportError(f"cannot write {dst} with its weights beside it: {e}") from e
+

@@ -1,4 +1,4 @@
-"""The exported backbone on the board: tokenizer.json + backbone.onnx + manifest.json.
+"""The exported backbone on the board: tokenizer.json + backbone.onnx (+ backbone.onnx.data) + manifest.json.
 
 Only numpy, onnxruntime, tokenizers and the standard library: no torch here.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.fingerprint import sha256_file
+from schemas.fingerprint import data_file, graph_fingerprint
 from schemas.manifest import BackboneError, BackboneManifest, read_manifest
 
 __all__ = ["Backbone", "BackboneError", "read_manifest", "release_freed_memory"]
@@ -74,10 +74,12 @@ class Backbone:
             if not p.is_file():
                 raise BackboneError(f"backbone folder {str(d)!r} lacks {p.name}")
         if verify:
-            actual = sha256_file(onnx_path)
+            actual = graph_fingerprint(onnx_path)
             if actual != manifest.fingerprint:
+                weights = data_file(onnx_path)
+                names = onnx_path.name + (f" + {weights.name}" if weights.exists() else "")
                 raise BackboneError(
-                    f"fingerprint mismatch: {onnx_path.name} has sha256 {actual[:16]}..., "
+                    f"fingerprint mismatch: {names} has sha256 {actual[:16]}..., "
                     f"the manifest says {manifest.fingerprint[:16]}... (re-export the backbone)"
                 )
         try:

@@ -1,7 +1,8 @@
 """The manifest of an exported backbone: one model, written by the exporter, read by everyone else.
 
-A backbone folder holds ``backbone.onnx`` (pivot outputs), ``tokenizer.json``
-and ``manifest.json``. The exporter (backbone_export) builds a
+A backbone folder holds ``backbone.onnx`` (pivot outputs) with its weights in
+``backbone.onnx.data`` (older exports: one file), ``tokenizer.json`` and
+``manifest.json``. The exporter (backbone_export) builds a
 :class:`BackboneManifest` and writes it; the board (edge_agent/backbone.py),
 the benchmarks (sidetune/bench) and the demo read it with :func:`read_manifest`,
 which checks it once, so no reader needs its own checks or defaults.
@@ -40,9 +41,9 @@ class BackboneManifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     format_version: Literal[1] = FORMAT_VERSION
-    fingerprint: str  # sha256 hex of backbone.onnx
+    fingerprint: str  # sha256 hex of backbone.onnx, then backbone.onnx.data (schemas/fingerprint.py)
     onnx_file: str = ONNX_NAME
-    onnx_bytes: NonNegInt | None = None
+    onnx_bytes: NonNegInt | None = None  # the graph's bytes, its weights file included
     tokenizer_file: str = TOKENIZER_NAME
     model_type: str | None = None
     architecture: str | None = None

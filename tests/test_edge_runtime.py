@@ -74,7 +74,8 @@ def test_load_attributes(bb, llama_dir):
     assert (
         bb.fingerprint
         == m["fingerprint"]
-        == hashlib.sha256((llama_dir / "backbone.onnx").read_bytes()).hexdigest()
+        == hashlib.sha256((llama_dir / "backbone.onnx").read_bytes()
+                          + (llama_dir / "backbone.onnx.data").read_bytes()).hexdigest()
     )
     assert (bb.num_layers, bb.hidden_size, bb.pivot) == (4, 32, "last")
     assert bb.has_logits and bb.add_bos
@@ -192,6 +193,14 @@ def test_backbone_errors(llama_dir, tmp_path):
     (d3 / "manifest.json").write_text(json.dumps(dict(good, fingerprint="0" * 64)))
     with pytest.raises(BackboneError, match="fingerprint mismatch"):
         Backbone.load(d3)
+
+    # the weights beside the graph are part of the fingerprint: one flipped bit is refused
+    d5 = _copy(llama_dir, tmp_path / "tampered-weights")
+    weights = bytearray((d5 / "backbone.onnx.data").read_bytes())
+    weights[len(weights) // 2] ^= 1
+    (d5 / "backbone.onnx.data").write_bytes(bytes(weights))
+    with pytest.raises(BackboneError, match=r"fingerprint mismatch: backbone.onnx \+ backbone.onnx.data"):
+        Backbone.load(d5)
 
     d4 = _copy(llama_dir, tmp_path / "no-onnx")
     (d4 / "backbone.onnx").unlink()

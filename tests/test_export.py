@@ -84,9 +84,11 @@ def test_manifest_llama(llama):
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == manifest.to_json() and read_manifest(out) == manifest
     assert on_disk["format_version"] == 1
-    onnx_bytes = (out / "backbone.onnx").read_bytes()
-    assert manifest.fingerprint == hashlib.sha256(onnx_bytes).hexdigest()
-    assert manifest.onnx_bytes == len(onnx_bytes)
+    # the graph, then its weights beside it (ONNX external data, mapped by the board)
+    graph, weights = (out / "backbone.onnx").read_bytes(), (out / "backbone.onnx.data").read_bytes()
+    assert len(weights) > 100_000  # the weight matrices are in the data file
+    assert manifest.fingerprint == hashlib.sha256(graph + weights).hexdigest()
+    assert manifest.onnx_bytes == len(graph) + len(weights)
     cfg = model.config
     assert manifest.num_layers == cfg.num_hidden_layers == 4
     assert manifest.hidden_size == cfg.hidden_size == 32
@@ -109,9 +111,10 @@ def test_manifest_llama(llama):
     assert manifest.tokenizer_matches_source is True
     assert 0 <= manifest.verify_rel_error <= 1e-4
     assert manifest.verify_logits_rel_error <= 1e-4
-    # only the three files (no external data, no temp leftovers)
+    # only the graph, its weights, the tokenizer and the manifest (no temp leftovers)
     assert sorted(p.name for p in out.iterdir()) == [
         "backbone.onnx",
+        "backbone.onnx.data",
         "manifest.json",
         "tokenizer.json",
     ]
@@ -216,7 +219,7 @@ def test_int8_export(tmp_path_factory, llama):
     out, manifest = exported_tiny(tmp_path_factory, "llama", quantize="int8")
     assert manifest.quantization == "int8"
     assert manifest.dtype == "float32"  # inputs/outputs stay fp32
-    data = (out / "backbone.onnx").read_bytes()
+    data = (out / "backbone.onnx").read_bytes() + (out / "backbone.onnx.data").read_bytes()
     assert manifest.fingerprint == hashlib.sha256(data).hexdigest() != fp_manifest.fingerprint
     assert manifest.verify_fp32_rel_error <= 1e-4
     # Every layer's pivot state close to torch's (seeds 0-19 of the tiny llama:
@@ -280,6 +283,7 @@ def test_progress_and_reexport(tmp_path, llama):
     assert m3.fingerprint == m2.fingerprint
     assert sorted(p.name for p in out.iterdir()) == [
         "backbone.onnx",
+        "backbone.onnx.data",
         "manifest.json",
         "tokenizer.json",
     ]

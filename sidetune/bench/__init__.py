@@ -79,18 +79,18 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
 
     from edge_agent.backbone import BackboneError
     from edge_agent.task import TaskError
-    from sidetune.bench.compare import run_compare
+    from sidetune.bench.compare import QUICK_SIZES, run_compare
     from sidetune.data import DataError
     from sidetune.demo import _terminate, default_backbone_dir, default_home
 
     signal.signal(signal.SIGTERM, _terminate)  # `kill` stops the real round's services too
 
     quick = args.quick
-    train = args.train if args.train is not None else (200 if quick else 1600)
-    holdout = args.holdout if args.holdout is not None else (200 if quick else 1000)
+    train = args.train if args.train is not None else (QUICK_SIZES[0] if quick else None)  # None: per data set
+    holdout = args.holdout if args.holdout is not None else (QUICK_SIZES[1] if quick else None)
     seeds = args.seeds if args.seeds is not None else (2 if quick else 3)
     lora_epochs = args.lora_epochs if args.lora_epochs is not None else (1 if quick else 2)
-    if min(train, holdout, seeds) < 1 or lora_epochs < 0:
+    if min(train or 1, holdout or 1, seeds) < 1 or lora_epochs < 0:
         raise UsageError("--train, --holdout and --seeds must be positive, --lora-epochs not negative")
     backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
     if not (backbone / "manifest.json").exists():
@@ -153,8 +153,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--task", action="append", default=None,
                     help="chat or plain (Rotten Tomatoes), news (news outlets, 7 classes) or a task TOML; "
                          "repeatable; default: chat and news")
-    bc.add_argument("--train", type=int, default=None, help="training samples (default 1600; --quick 200)")
-    bc.add_argument("--holdout", type=int, default=None, help="held-out samples (default 1000; --quick 200)")
+    bc.add_argument("--train", type=int, default=None, help="training samples per task (default: 1600 of Rotten Tomatoes, 800 of the news; --quick 200)")
+    bc.add_argument("--holdout", type=int, default=None, help="held-out samples per task (default: 1000 of Rotten Tomatoes, 600 of the news; "
+                         "--quick 200)")
     bc.add_argument("--seeds", type=int, default=None,
                     help="device secrets and training seeds for the side networks (default 3; --quick 2)")
     bc.add_argument("--lora-epochs", type=int, default=None,

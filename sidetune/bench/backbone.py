@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from backbone_export.errors import ExportError
-from schemas.fingerprint import sha256_file
+from schemas.fingerprint import data_file, graph_bytes, graph_fingerprint
 from schemas.manifest import (
     ONNX_NAME,
     TOKENIZER_NAME,
@@ -258,13 +258,14 @@ def _int8_copy(src_dir: Path, dest: Path) -> Path:
     from backbone_export.quantize import quantize_int8
 
     dest.mkdir(parents=True, exist_ok=True)
+    data_file(dest / ONNX_NAME).unlink(missing_ok=True)  # the int8 graph is written as one file
     settings = quantize_int8(src_dir / ONNX_NAME, dest / ONNX_NAME)
     shutil.copy(src_dir / TOKENIZER_NAME, dest / TOKENIZER_NAME)
     m = read_manifest(src_dir).model_copy(update=dict(
-        fingerprint=sha256_file(dest / ONNX_NAME),
+        fingerprint=graph_fingerprint(dest / ONNX_NAME),
         quantization="int8",
         quantization_settings=settings,
-        onnx_bytes=(dest / ONNX_NAME).stat().st_size,
+        onnx_bytes=graph_bytes(dest / ONNX_NAME),
     ))
     m.write(dest)
     return dest

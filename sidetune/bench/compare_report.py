@@ -15,6 +15,10 @@ def _f(v: Any, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
 def _ratio(a: Any, b: Any) -> float | None:
     return a / b if a is not None and b not in (None, 0) else None
 
@@ -148,6 +152,12 @@ def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: 
         lines.append("")
         notes = [f"- the board's forward passes alone (own process, fp32 graph): {fwd['fp32']['device_cpu_s']:.0f} CPU-s, "
                  f"{fwd['fp32']['device_peak_rss_mb']:.0f} MB, {fwd['fp32']['forward_wall_s']:.1f} s wall (the floor)"]
+        a = d["accuracies"]
+        if a.get("sidetune_no_label_dp"):
+            notes.append(f"- sidetune is scored on the agent's default path: labels randomised at ε = "
+                         f"{a['label_epsilon'][0]:g} (label-DP), calibrated prior, mixed noisy targets; with the "
+                         f"true labels (mixing and noise only) {_mean(a['sidetune_no_label_dp']):.3f}, with every "
+                         f"privacy measure off (labels_in_clear) {_mean(a['labels_in_clear']):.3f}")
         if fwd.get("int8"):
             notes.append(f"- int8 graph: {fwd['int8']['device_cpu_s']:.0f} CPU-s, {fwd['int8']['device_peak_rss_mb']:.0f} MB, "
                          f"{fwd['int8']['forward_wall_s']:.1f} s wall; its zero-shot accuracy "
