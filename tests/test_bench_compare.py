@@ -115,6 +115,13 @@ def test_compare_on_the_tiny_backbone(tmp_path_factory, tmp_path):
     assert t["server"]["ingest_samples_per_s"] > 0 and t["server"]["train_samples_per_s"] > 0
     report = (out / "report.md").read_text()
     assert "| sidetune |" in report and "time to adapter ≤ 1.1× the forward floor" in report
+    # scored on the agent's default path (label-DP at its ε), and LoRA against two rounds of fresh data
+    assert "labels randomised at ε = 2" in report
+    two = next(line for line in report.splitlines() if line.startswith("| sidetune (each sample run once) |"))
+    one_round, two_rounds = (float(x) for x in two.split("|")[2:4])
+    assert two_rounds == pytest.approx(2 * one_round, abs=1)
+    details = json.loads((out / "details.json").read_text())["tasks"][0]["accuracies"]
+    assert len(details["sidetune_no_label_dp"]) == 2 and details["label_epsilon"] == [2.0]
     for png in ("accuracy_vs_bytes.png", "device_cost.png", "time_to_adapter.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert any("real round" in line for line in lines) and any("lora" in line for line in lines)
