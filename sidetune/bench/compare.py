@@ -138,6 +138,10 @@ def forward_child(cfg: dict[str, Any]) -> dict[str, Any]:
     train = [Review(t, y) for t, y in cfg["train"]]
     hold = [Review(t, y) for t, y in cfg["holdout"]]
     bb = Backbone.load(cfg["backbone_dir"], threads=int(cfg["threads"]))
+    # Shortest first, as the agent runs a round's forward passes (edge_agent/rounds.py): the floor is
+    # the board's best pure forward-pass time. Every later step reads this order from the .npz.
+    lengths = [len(s) for s in FeatureExtractor(bb, task, max_length=MAX_LENGTH).token_ids([r.text for r in train])]
+    train = [train[i] for i in sorted(range(len(train)), key=lengths.__getitem__)]
     t0 = time.perf_counter()
     ftr = extract_all(bb, task, train, None, MAX_LENGTH, say)  # never from a cache: this is the job
     wall = time.perf_counter() - t0

@@ -29,8 +29,10 @@ WORK_TRIED = {
     "device peak RSS": "the graph's weights in backbone.onnx.data, mapped by ONNX Runtime (the agent's peak at 600 "
                        "samples 952 → 787 MB); ONNX Runtime's arena off or grown as requested, prepacking off: "
                        "higher or unchanged peaks. The int8 graph is the board's memory-saving choice.",
-    "device CPU": "the int8 graph (MLP down projections kept in fp32) halves the forward passes' CPU; ONNX Runtime "
-                  "threads do not spin.",
+    "device CPU": "the int8 graph (MLP down projections kept in fp32; its gain depends on the CPU's int8 "
+                  "instructions); ONNX Runtime's threads do not spin; batches are sorted by length, so no "
+                  "padding beyond a batch's longest sequence. Not built: reusing the prompt's fixed prefix "
+                  "(a graph that takes cached keys and values).",
     "time to adapter": "upload overlaps nothing yet: the job goes once every forward pass is done (streaming the "
                        "round is not built).",
 }
