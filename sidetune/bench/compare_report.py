@@ -22,10 +22,13 @@ WORK_TRIED = {
                        "taps every second layer, five middle taps, every layer, one deep tap; the states "
                        "standardised per feature; a ridge head on standardised deep states; soft labels from "
                        "the randomised response's posterior — none above the default beyond a split's noise. "
-                       "A logistic probe on one deep pivot state with the labels in the clear is within about "
-                       "a point of the side network: what the pivot states carry bounds it.",
-    "accuracy ≥ labels in clear": "the label-DP randomisation (ε = 2) is the default; ε = ∞ (sidetune_no_label_dp "
-                                  "in details.json) shows what it costs on this split.",
+                       "Where label-DP is most of the gap, see the next line.",
+    "accuracy ≥ labels in clear": "label-DP (ε = 2) is the agent's default: k-ary randomised response keeps a "
+                                  "label with probability e^ε / (e^ε + C − 1), 0.88 for two classes, 0.55 for "
+                                  "seven; sidetune_no_label_dp in details.json is the same without it. Randomised "
+                                  "response over the prior's top classes (same ε) closed less than a third of "
+                                  "the news task's gap: not adopted. A many-class board should set label_epsilon for "
+                                  "its class count.",
     "device peak RSS": "the graph's weights in backbone.onnx.data, mapped by ONNX Runtime (the agent's peak at 600 "
                        "samples 952 → 787 MB); ONNX Runtime's arena off or grown as requested, prepacking off: "
                        "higher or unchanged peaks. The int8 graph is the board's memory-saving choice.",
