@@ -90,7 +90,7 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     holdout = args.holdout if args.holdout is not None else (QUICK_SIZES[1] if quick else None)
     seeds = args.seeds if args.seeds is not None else (2 if quick else 3)
     lora_epochs = args.lora_epochs if args.lora_epochs is not None else (1 if quick else 2)
-    if min(train or 1, holdout or 1, seeds) < 1 or lora_epochs < 0:
+    if min(1 if train is None else train, 1 if holdout is None else holdout, seeds) < 1 or lora_epochs < 0:
         raise UsageError("--train, --holdout and --seeds must be positive, --lora-epochs not negative")
     backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
     if not (backbone / "manifest.json").exists():

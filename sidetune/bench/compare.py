@@ -138,17 +138,18 @@ def forward_child(cfg: dict[str, Any]) -> dict[str, Any]:
     train = [Review(t, y) for t, y in cfg["train"]]
     hold = [Review(t, y) for t, y in cfg["holdout"]]
     bb = Backbone.load(cfg["backbone_dir"], threads=int(cfg["threads"]))
+    fx = FeatureExtractor(bb, task, max_length=MAX_LENGTH)
     # Shortest first, as the agent runs a round's forward passes (edge_agent/rounds.py): the floor is
     # the board's best pure forward-pass time. Every later step reads this order from the .npz.
-    lengths = [len(s) for s in FeatureExtractor(bb, task, max_length=MAX_LENGTH).token_ids([r.text for r in train])]
-    train = [train[i] for i in sorted(range(len(train)), key=lengths.__getitem__)]
+    ids = fx.token_ids([r.text for r in train])
+    order = sorted(range(len(train)), key=lambda i: len(ids[i]))
+    train, ids = [train[i] for i in order], [ids[i] for i in order]
     t0 = time.perf_counter()
     ftr = extract_all(bb, task, train, None, MAX_LENGTH, say)  # never from a cache: this is the job
     wall = time.perf_counter() - t0
     job_cpu, job_rss = cpu_seconds(), peak_rss_mb()
     fho = extract_all(bb, task, hold, Path(cfg["cache_dir"]), MAX_LENGTH, say)
-    fx = FeatureExtractor(bb, task, max_length=MAX_LENGTH)
-    ttr, tho = _flat(fx.token_ids([r.text for r in train])), _flat(fx.token_ids([r.text for r in hold]))
+    ttr, tho = _flat(ids), _flat(fx.token_ids([r.text for r in hold]))
     np.savez(cfg["out"], train_states=ftr.states, train_prior=ftr.prior, train_labels=ftr.labels,
              holdout_states=fho.states, holdout_prior=fho.prior, holdout_labels=fho.labels,
              train_flat=ttr[0], train_offsets=ttr[1], holdout_flat=tho[0], holdout_offsets=tho[1])
@@ -192,7 +193,6 @@ def side_network_methods(f32: TaskFeatures, f8: TaskFeatures | None, tr: np.ndar
     from edge_agent.config import EdgeSettings
     from edge_agent.label_dp import randomize
     from edge_agent.secret import DeviceSecret
-    from schemas.limits import MAX_TENSOR_ELEMENTS
     from schemas.spec import HyperParams
     from schemas.tensors import WireTensor
     from sidetune.bench.accuracy import fit_bias
@@ -219,8 +219,9 @@ def side_network_methods(f32: TaskFeatures, f8: TaskFeatures | None, tr: np.ndar
     b = fit_bias(p32[tr], y_tr)
     acc["recalibrated"].append(float(np.mean((np.log(np.clip(p32[te], 1e-12, None)) + b).argmax(1) == y_te)))
     pc_tr, pc_te = board_prior(f32)
+    prior8 = board_prior(f8) if f8 is not None else None
     tapped = f32.states[tr][:, taps].astype(np.float32)
-    batch = max(1, MAX_TENSOR_ELEMENTS // max(1, tapped[0].size))  # as many samples as one wire tensor holds
+    batch = int(EdgeSettings.model_fields["upload_batch"].default)  # what one activation message holds
     wire = np.concatenate([WireTensor.from_array(tapped[i : i + batch], "int8").to_array()
                            for i in range(0, len(tapped), batch)])
     for s in range(seeds):
@@ -237,8 +238,8 @@ def side_network_methods(f32: TaskFeatures, f8: TaskFeatures | None, tr: np.ndar
             side_scores(spec, hyper, f32, tr, te, true_targets), c)))
         clear = (np.eye(c)[y_tr] - pc_tr).astype(np.float32)
         acc["labels_in_clear"].append(score(pc_te, side_scores(clear_spec, hyper, f32, tr, te, clear)))
-        if f8 is not None:
-            p8_tr, p8_te = board_prior(f8)
+        if f8 is not None and prior8 is not None:
+            p8_tr, p8_te = prior8
             t8 = secret.targets(z, p8_tr, NOISE_STD, np.random.default_rng([17, s]))
             acc["sidetune_int8"].append(score(p8_te, secret.unmix(side_scores(spec, hyper, f8, tr, te, t8), c)))
         progress(f"seed {s + 1}/{seeds}: " + "  ".join(f"{k} {v[-1]:.3f}" for k, v in acc.items() if v))
@@ -261,8 +262,9 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
     from sidetune.bench import traffic
 
     dataset, task, rows = task_data(task_name)
-    train = train or DEFAULT_SIZES.get(dataset, DEFAULT_SIZES["rotten_tomatoes"])[0]
-    holdout = holdout or DEFAULT_SIZES.get(dataset, DEFAULT_SIZES["rotten_tomatoes"])[1]
+    default_train, default_holdout = DEFAULT_SIZES.get(dataset, DEFAULT_SIZES["rotten_tomatoes"])
+    train = default_train if train is None else train
+    holdout = default_holdout if holdout is None else holdout
     if train + holdout > len(rows):
         raise UsageError(f"--train {train} + --holdout {holdout} is more than the {len(rows)} samples of {dataset}")
     pick = np.random.default_rng(0).permutation(len(rows))[: train + holdout]

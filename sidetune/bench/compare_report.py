@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 LABELS = {"zero_shot": "zero-shot", "recalibrated": "recalibrated", "sidetune": "sidetune",
@@ -39,10 +40,6 @@ WORK_TRIED = {
     "time to adapter": "upload overlaps nothing yet: the job goes once every forward pass is done (streaming the "
                        "round is not built).",
 }
-
-
-def _mean(v: list[float]) -> float:
-    return sum(v) / len(v)
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -213,8 +210,8 @@ def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: 
         if a.get("sidetune_no_label_dp"):
             notes.append(f"- sidetune is scored on the agent's default path: labels randomised at ε = "
                          f"{a['label_epsilon'][0]:g} (label-DP), calibrated prior, mixed noisy targets; with the "
-                         f"true labels (mixing and noise only) {_mean(a['sidetune_no_label_dp']):.3f}, with every "
-                         f"privacy measure off (labels_in_clear) {_mean(a['labels_in_clear']):.3f}")
+                         f"true labels (mixing and noise only) {fmean(a['sidetune_no_label_dp']):.3f}, with every "
+                         f"privacy measure off (labels_in_clear) {fmean(a['labels_in_clear']):.3f}")
         if fwd.get("int8"):
             notes.append(f"- int8 graph: {fwd['int8']['device_cpu_s']:.0f} CPU-s, {fwd['int8']['device_peak_rss_mb']:.0f} MB, "
                          f"{fwd['int8']['forward_wall_s']:.1f} s wall; its zero-shot accuracy "
