@@ -196,7 +196,7 @@ def test_the_whole_loop_on_the_cluster(tmp_path, tiny_backbone, mosquitto, clust
                                        device_account):
     device, password = device_account
     holdout = write_jsonl(tmp_path / "holdout.jsonl", make_samples(200, seed=99))
-    # the loop on a cluster, not label-DP: no label noise (at ε = 2 the tiny task's margin failed once)
+    # the loop on a cluster, not label-DP: no label noise (at ε = 2 the tiny task's +0.1 margin failed twice here)
     settings = edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, holdout_file=holdout,
                              label_epsilon=float("inf"))
     worker = start_worker(server_settings(mosquitto, cluster_url, broker_accounts[SERVER_USER],
