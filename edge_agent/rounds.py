@@ -139,7 +139,8 @@ class Rounds:
         self.ledger.set_meta("activity", f"round {rnd}: training on the board")
         spec, taps = self.model.spec, list(self.model.spec.taps)
         cpu0 = time.process_time()
-        missing = [s for s in everything if s.states is None]  # dropped after a server-trained round
+        # dropped after a server-trained round; shortest first, as in start()
+        missing = sorted((s for s in everything if s.states is None), key=lambda s: len(s.token_ids))
         if missing:
             for i in range(0, len(missing), CHUNK):
                 part = missing[i : i + CHUNK]

@@ -120,8 +120,14 @@ def test_compare_on_the_tiny_backbone(tmp_path_factory, tmp_path):
     two = next(line for line in report.splitlines() if line.startswith("| sidetune (each sample run once) |"))
     one_round, two_rounds = (float(x) for x in two.split("|")[2:4])
     assert two_rounds == pytest.approx(2 * one_round, abs=1)
-    details = json.loads((out / "details.json").read_text())["tasks"][0]["accuracies"]
+    task_details = json.loads((out / "details.json").read_text())["tasks"][0]
+    details = task_details["accuracies"]
     assert len(details["sidetune_no_label_dp"]) == 2 and details["label_epsilon"] == [2.0]
+    # where the run's time went: every phase timed, and the report says so
+    assert list(task_details["phases_s"]) == ["forward passes, int8 graph", "forward passes, fp32 graph",
+                                              "real round", "side networks", "LoRA"]
+    assert all(v > 0 for v in task_details["phases_s"].values())
+    assert "Where the time went: int8 export" in report and "LoRA" in report.split("Where the time went")[1]
     for png in ("accuracy_vs_bytes.png", "device_cost.png", "time_to_adapter.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert any("real round" in line for line in lines) and any("lora" in line for line in lines)

@@ -153,8 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--task", action="append", default=None,
                     help="chat or plain (Rotten Tomatoes), news (news outlets, 7 classes) or a task TOML; "
                          "repeatable; default: chat and news")
-    bc.add_argument("--train", type=int, default=None, help="training samples per task (default: 1600 of Rotten Tomatoes, 800 of the news; --quick 200)")
-    bc.add_argument("--holdout", type=int, default=None, help="held-out samples per task (default: 1000 of Rotten Tomatoes, 600 of the news; "
+    bc.add_argument("--train", type=int, default=None, help="training samples per task (default: 1600 of Rotten Tomatoes, 500 of the news; --quick 200)")
+    bc.add_argument("--holdout", type=int, default=None, help="held-out samples per task (default: 1000 of Rotten Tomatoes, 400 of the news; "
                          "--quick 200)")
     bc.add_argument("--seeds", type=int, default=None,
                     help="device secrets and training seeds for the side networks (default 3; --quick 2)")

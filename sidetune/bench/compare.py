@@ -32,7 +32,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from sidetune.bench.measure import cpu_seconds, peak_rss_mb, run_child
 from sidetune.data import CLASSES, NEWS_CLASSES, Review
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 METHODS = ("zero_shot", "recalibrated", "sidetune", "sidetune_int8", "sidetune_int8_wire", "labels_in_clear",
            "lora", "full_activation", "split_learning")
@@ -60,7 +61,7 @@ LORA = {"lr": 3e-4, "batch_size": 8}
 #: (training, held-out) samples per data set when --train / --holdout are not given: Rotten Tomatoes
 #: as the issue measured it by hand; the news articles are about twice as long (and LoRA's epochs with
 #: them), so fewer keep the whole default run of both tasks under an hour on a 2-core board-class machine.
-DEFAULT_SIZES = {"rotten_tomatoes": (1600, 1000), "news_outlets": (800, 600)}
+DEFAULT_SIZES = {"rotten_tomatoes": (1600, 1000), "news_outlets": (500, 400)}
 QUICK_SIZES = (200, 200)
 
 
@@ -272,6 +273,14 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
     tr_rows, ho_rows = rows[:train], rows[train:]
     work = out_dir / "work" / task_name.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}  # wall seconds of each phase, for the report's "where the run's time went"
+
+    def timed(name: str, fn: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
     progress(f"{task_name}: {dataset}, {train} training and {holdout} held-out samples, {len(task.classes)} classes")
 
     def forward(label: str, bdir: Path) -> dict[str, Any]:
@@ -285,8 +294,8 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
         return res
 
     # The fp32 forward passes (the floor) run right before the real round, so both see the same load.
-    fwd8 = forward("int8", int8_dir) if int8_dir is not None else None
-    fwd32 = forward("fp32", backbone_dir)
+    fwd8 = timed("forward passes, int8 graph", lambda: forward("int8", int8_dir)) if int8_dir is not None else None
+    fwd32 = timed("forward passes, fp32 graph", lambda: forward("fp32", backbone_dir))
     f32, tr, te, lengths = _features(work / "fp32.npz")
     f8 = _features(work / "int8.npz")[0] if fwd8 is not None else None
     spec = side_spec(f32)
@@ -297,10 +306,12 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
         from sidetune.bench.live import real_round
 
         progress(f"{task_name}: a real round (mosquitto, Redis, worker, board agent) on the {train} samples ...")
-        round_info = real_round(backbone_dir, TaskSpec.from_dict(task.to_dict()), tr_rows, work / "round",
-                                epochs=HyperParams().epochs, threads=THREADS, spec=spec,
-                                ingest_samples=ingest_samples, progress=lambda m: progress(f"{task_name}: {m}"))
-    acc, spec, clear_spec = side_network_methods(f32, f8, tr, te, seeds, lambda m: progress(f"{task_name}: {m}"))
+        round_info = timed("real round", lambda: real_round(
+            backbone_dir, TaskSpec.from_dict(task.to_dict()), tr_rows, work / "round", epochs=HyperParams().epochs,
+            threads=THREADS, spec=spec, ingest_samples=ingest_samples,
+            progress=lambda m: progress(f"{task_name}: {m}")))
+    acc, spec, clear_spec = timed("side networks", lambda: side_network_methods(
+        f32, f8, tr, te, seeds, lambda m: progress(f"{task_name}: {m}")))
 
     lora: dict[str, Any] = {}
     if lora_epochs > 0:
@@ -308,7 +319,7 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
         cfg = {"model_dir": str(model_dir), "inputs": str(work / "fp32.npz"), "pad_id": fwd32["pad_id"],
                "verbalizer_ids": fwd32["verbalizer_ids"], "threads": THREADS, "max_epochs": lora_epochs, **LORA}
         progress(f"{task_name}: on-device LoRA (PEFT, own process), at most {lora_epochs} epochs ...")
-        lora = run_child("lora", cfg, work, THREADS, progress)
+        lora = timed("LoRA", lambda: run_child("lora", cfg, work, THREADS, progress))
 
     hyper = HyperParams()
     weights = SideNet(spec).to_weights()
@@ -366,7 +377,8 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
     }
     details = {"task": task_name, "classes": list(task.classes), "accuracies": acc, "bytes": bytes_,
                "forward": {"fp32": fwd32, "int8": fwd8}, "round": round_info, "lora": lora,
-               "epochs": hyper.epochs, "spec": spec.model_dump(), "mean_tokens": float(np.mean(lengths))}
+               "epochs": hyper.epochs, "spec": spec.model_dump(), "mean_tokens": float(np.mean(lengths)),
+               "phases_s": phases}
     return entry, details
 
 
@@ -390,6 +402,7 @@ def run_compare(backbone_dir: Path, tasks: Sequence[str], out_dir: Path, *, trai
     started = time.perf_counter()
     load = [os.getloadavg()]
     int8_dir = int8_backbone(backbone_dir, progress) if int8 else None
+    int8_export_s = time.perf_counter() - started
     results: dict[str, Any] = {"tasks": []}
     details = []
     for t in tasks:
@@ -402,7 +415,7 @@ def run_compare(backbone_dir: Path, tasks: Sequence[str], out_dir: Path, *, trai
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # what is done so far
     setup: dict[str, Any] = {"seconds": time.perf_counter() - started, "loadavg": load, "cpus": os.cpu_count(), "threads": THREADS,
              "seeds": seeds, "lora_epochs": lora_epochs, "backbone_dir": str(backbone_dir),
-             "int8_dir": str(int8_dir) if int8_dir else None}
+             "int8_dir": str(int8_dir) if int8_dir else None, "int8_export_s": int8_export_s}
     (out_dir / "details.json").write_text(json.dumps({"setup": setup, "tasks": details}, indent=2, default=str) + "\n")
     write_report(results, details, setup, out_dir)
     progress(f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and the plots in "

@@ -183,12 +183,23 @@ def plots(results: dict[str, Any], details: list[dict[str, Any]], out: Path) -> 
     return names
 
 
+def time_spent(details: list[dict[str, Any]], setup: dict[str, Any]) -> list[str]:
+    """Where the run's wall time went: one line per phase and task (runs from before the phases were
+    timed have none)."""
+    parts = [f"int8 export {setup['int8_export_s'] / 60:.1f} min"] if setup.get("int8_export_s") else []
+    for d in details:
+        if d.get("phases_s"):
+            parts.append(f"{d['task']}: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in d["phases_s"].items()) + " min")
+    return [f"Where the time went: {'; '.join(parts)}."] if parts else []
+
+
 def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: dict[str, Any], out: Path) -> None:
     pngs = plots(results, details, out)
     load = ", ".join("/".join(f"{x:.1f}" for x in la) for la in setup["loadavg"])
     lines = ["# sidetune bench compare", "",
              f"{setup['cpus']} CPUs, every device-side process with {setup['threads']} threads; load average "
              f"(1/5/15 min) at the start and after each task: {load}. Run took {setup['seconds'] / 60:.1f} min.", ""]
+    lines += time_spent(details, setup) + [""]
     for t, d in zip(results["tasks"], details):
         fwd, rnd = d["forward"], d["round"]
         lines += [f"## {t['task']} — {t['dataset']} ({len(d['classes'])} classes: {', '.join(d['classes'])})", "",
