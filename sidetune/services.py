@@ -22,8 +22,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from schemas.errors import SidetuneError
 
@@ -67,12 +69,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path, what: str, timeout: float = 15.0) -> None:
+class PortTaken(ServiceError):
+    """The child could not bind its port: another process took it between ``free_port`` and the bind."""
+
+
+def _tail(*logs: Path) -> str:
+    return "".join(p.read_text(errors="replace")[-2000:] for p in logs if p.exists())
+
+
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, logs: Sequence[Path], what: str,
+                   timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise ServiceError(f"{what} exited with code {proc.returncode} at start:\n{tail}")
+            tail = _tail(*logs)
+            error = PortTaken if "already in use" in tail else ServiceError
+            raise error(f"{what} exited with code {proc.returncode} at start:\n{tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 pass
@@ -83,7 +95,7 @@ def _wait_for_port(proc: subprocess.Popen[bytes], port: int, log: Path, what: st
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise ServiceError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+    raise ServiceError(f"{what} did not listen on port {port} within {timeout:.0f} s:\n{_tail(*logs)}")
 
 
 def _stop(proc: subprocess.Popen[bytes] | None) -> None:
@@ -124,13 +136,42 @@ def render(template: Path | str, values: dict[str, str]) -> str:
     return text
 
 
+_S = TypeVar("_S", bound="_ChildService")
+
+
 class _ChildService:
     """A server run as a child process; stop and restart keep its port and state."""
 
     proc: subprocess.Popen[bytes] | None
 
-    def start(self) -> _ChildService:
+    state_dir: Path
+    port: int
+
+    def __post_init__(self) -> None:
+        # absolute: redis-server changes into its --dir before it opens a relative --logfile
+        self.state_dir = Path(self.state_dir).resolve()
+
+    def start(self: _S) -> _S:
+        """Start on ``port``; a port chosen here (0) that another process takes first is chosen again."""
+        chosen = not self.port
+        for attempt in range(3):
+            try:
+                self._start()
+                return self
+            except PortTaken:
+                if not chosen or attempt == 2:
+                    raise
+                self.port = 0
+                self.proc = None
+        raise AssertionError("unreachable")
+
+    def _start(self) -> None:
         raise NotImplementedError
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        """The child with its stdout and stderr in ``state_dir/<name>.out`` (a config error is only there)."""
+        with (self.state_dir / f"{name}.out").open("ab") as out:
+            return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -251,14 +292,10 @@ class Mosquitto(_ChildService):
         path.write_text(conf)
         return path
 
-    def start(self) -> Mosquitto:
+    def _start(self) -> None:
         conf = self.write_config() if self.proc is None else self.state_dir / "mosquitto.conf"
-        self.proc = subprocess.Popen(
-            [find_binary("mosquitto", "mosquitto"), "-c", str(conf)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        _wait_for_port(self.proc, self.port, self.log, "mosquitto")
-        return self
+        self.proc = self._spawn([find_binary("mosquitto", "mosquitto"), "-c", str(conf)], "mosquitto")
+        _wait_for_port(self.proc, self.port, [self.log, self.state_dir / "mosquitto.out"], "mosquitto")
 
 
 @dataclass
@@ -279,7 +316,7 @@ class RedisServer(_ChildService):
     def log(self) -> Path:
         return self.state_dir / "redis.log"
 
-    def start(self) -> RedisServer:
+    def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         args = [find_binary("redis-server", "redis-server")]
@@ -288,10 +325,9 @@ class RedisServer(_ChildService):
         args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.state_dir),
                  "--logfile", str(self.log), "--daemonize", "no", "--protected-mode", "yes",
                  "--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_port(self.proc, self.port, self.log, "redis-server")
+        self.proc = self._spawn(args, "redis")
+        _wait_for_port(self.proc, self.port, [self.log, self.state_dir / "redis.out"], "redis-server")
         self._wait_until_loaded()
-        return self
 
     def _wait_until_loaded(self, timeout: float = 120.0) -> None:
         """Redis accepts connections while it loads its append-only file and answers every
