@@ -186,7 +186,9 @@ def plots(results: dict[str, Any], details: list[dict[str, Any]], out: Path) -> 
 def time_spent(details: list[dict[str, Any]], setup: dict[str, Any]) -> list[str]:
     """Where the run's wall time went: one line per phase and task (runs from before the phases were
     timed have none)."""
-    parts = [f"int8 export {setup['int8_export_s'] / 60:.1f} min"] if setup.get("int8_export_s") else []
+    export = setup.get("int8_export_s")
+    parts = [] if export is None else [f"int8 graph exported, {export / 60:.1f} min" if export >= 1
+                                       else "int8 graph already exported"]
     for d in details:
         if d.get("phases_s"):
             parts.append(f"{d['task']}: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in d["phases_s"].items()) + " min")
