@@ -146,14 +146,15 @@ class _ChildService:
 
     state_dir: Path
     port: int
+    _port_fields: tuple[str, ...] = ("port",)  # the ports start() may choose (0: choose one)
 
     def __post_init__(self) -> None:
         # absolute: redis-server changes into its --dir before it opens a relative --logfile
         self.state_dir = Path(self.state_dir).resolve()
 
     def start(self: _S) -> _S:
-        """Start on ``port``; a port chosen here (0) that another process takes first is chosen again."""
-        chosen = not self.port
+        """Start on ``port``; ports chosen here (0) that another process takes first are chosen again."""
+        chosen = [f for f in self._port_fields if not getattr(self, f)]
         for attempt in range(3):
             try:
                 self._start()
@@ -161,7 +162,8 @@ class _ChildService:
             except PortTaken:
                 if not chosen or attempt == 2:
                     raise
-                self.port = 0
+                for f in chosen:
+                    setattr(self, f, 0)
                 self.proc = None
         raise AssertionError("unreachable")
 
@@ -258,6 +260,7 @@ class Mosquitto(_ChildService):
     tls: bool = False
     tls_port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _port_fields = ("port", "tls_port")
 
     @property
     def log(self) -> Path:

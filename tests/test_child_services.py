@@ -55,3 +55,15 @@ def test_a_chosen_port_taken_first_is_chosen_again(tmp_path, held_port, monkeypa
             pass
     finally:
         child.stop()
+
+
+def test_a_chosen_tls_port_taken_first_is_chosen_again(tmp_path, held_port, monkeypatch, broker_accounts):
+    picks = iter([free_port(), held_port])  # the plain listener's port, then the TLS one: taken
+    monkeypatch.setattr(services, "free_port", lambda: next(picks, None) or free_port())
+    broker = Mosquitto(tmp_path / "s", dict(broker_accounts), tls=True).start()
+    try:
+        assert broker.tls_port not in (0, held_port, broker.port)
+        with socket.create_connection(("127.0.0.1", broker.tls_port), timeout=2):
+            pass
+    finally:
+        broker.stop()
