@@ -170,10 +170,13 @@ class _ChildService:
     def _start(self) -> None:
         raise NotImplementedError
 
-    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
-        """The child with its stdout and stderr in ``state_dir/<name>.out`` (a config error is only there)."""
-        with (self.state_dir / f"{name}.out").open("ab") as out:
-            return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    def _spawn(self, args: list[str], log: Path, what: str) -> None:
+        """Run the child, its stdout and stderr in ``<log>.out`` beside its log (a config error is
+        only there), and wait until it listens on ``port``."""
+        out = log.with_suffix(".out")
+        with out.open("ab") as f:
+            self.proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT)
+        _wait_for_port(self.proc, self.port, [log, out], what)
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -297,8 +300,7 @@ class Mosquitto(_ChildService):
 
     def _start(self) -> None:
         conf = self.write_config() if self.proc is None else self.state_dir / "mosquitto.conf"
-        self.proc = self._spawn([find_binary("mosquitto", "mosquitto"), "-c", str(conf)], "mosquitto")
-        _wait_for_port(self.proc, self.port, [self.log, self.state_dir / "mosquitto.out"], "mosquitto")
+        self._spawn([find_binary("mosquitto", "mosquitto"), "-c", str(conf)], self.log, "mosquitto")
 
 
 @dataclass
@@ -328,8 +330,7 @@ class RedisServer(_ChildService):
         args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.state_dir),
                  "--logfile", str(self.log), "--daemonize", "no", "--protected-mode", "yes",
                  "--requirepass", self.password]
-        self.proc = self._spawn(args, "redis")
-        _wait_for_port(self.proc, self.port, [self.log, self.state_dir / "redis.out"], "redis-server")
+        self._spawn(args, self.log, "redis-server")
         self._wait_until_loaded()
 
     def _wait_until_loaded(self, timeout: float = 120.0) -> None:

@@ -21,6 +21,11 @@ def held_port():
         yield int(s.getsockname()[1])
 
 
+def child(service: str, folder: Path, accounts: dict[str, str], **ports: int) -> RedisServer | Mosquitto:
+    return (RedisServer(folder, **ports) if service == "redis-server"
+            else Mosquitto(folder, dict(accounts), **ports))
+
+
 def test_a_relative_folder_keeps_redis_log_where_it_belongs(tmp_path, monkeypatch):
     # redis-server changes into its --dir before it opens --logfile: a relative logfile went nowhere
     monkeypatch.chdir(tmp_path)
@@ -34,10 +39,8 @@ def test_a_relative_folder_keeps_redis_log_where_it_belongs(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("service", ["redis-server", "mosquitto"])
 def test_a_port_given_and_taken_is_one_clear_error(tmp_path, held_port, service, broker_accounts):
-    child = (RedisServer(tmp_path / "s", port=held_port) if service == "redis-server"
-             else Mosquitto(tmp_path / "s", dict(broker_accounts), port=held_port))
     with pytest.raises(PortTaken, match=f"{service} exited with code 1 at start:(.|\n)*already in use"):
-        child.start()
+        child(service, tmp_path / "s", broker_accounts, port=held_port).start()
 
 
 @pytest.mark.parametrize("service", ["redis-server", "mosquitto"])
@@ -46,15 +49,13 @@ def test_a_chosen_port_taken_first_is_chosen_again(tmp_path, held_port, monkeypa
     # `bench compare`): the child starts on the next free port
     picks = iter([held_port])
     monkeypatch.setattr(services, "free_port", lambda: next(picks, None) or free_port())
-    child = (RedisServer(tmp_path / "s") if service == "redis-server"
-             else Mosquitto(tmp_path / "s", dict(broker_accounts)))
-    child.start()
+    started = child(service, tmp_path / "s", broker_accounts).start()
     try:
-        assert child.port not in (0, held_port)
-        with socket.create_connection(("127.0.0.1", child.port), timeout=2):
+        assert started.port not in (0, held_port)
+        with socket.create_connection(("127.0.0.1", started.port), timeout=2):
             pass
     finally:
-        child.stop()
+        started.stop()
 
 
 def test_a_chosen_tls_port_taken_first_is_chosen_again(tmp_path, held_port, monkeypatch, broker_accounts):
