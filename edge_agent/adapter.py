@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.sidenet import SideNetForward
+from schemas.sidenet import SideNetForward
 from schemas.adapter import AdapterUpdate
 from schemas.errors import SpecMismatch
 from schemas.files import atomic_write

@@ -55,7 +55,7 @@ class EdgeSettings(FileThenEnv):
     #: Two classes keep the true label with probability e^ε/(1+e^ε) (ε = 2: 0.881). ``inf`` turns it off.
     label_epsilon: float = Field(default=2.0, gt=0.0)
     #: Who trains the side network: ``"server"`` (the board uploads targets and activations) or ``"board"``
-    #: (edge_agent/board_trainer.py: the same network, optimiser, schedule and best-epoch choice, in numpy on the
+    #: (schemas/sidenet.py: the same network, optimiser, schedule and best-epoch choice, in numpy on the
     #: board's own cached features; no job and no activations leave the board, only its status). A board-trained
     #: board keeps every sample's pivot states in its ledger (the next round trains on them again).
     train_on: Literal["server", "board"] = "server"

@@ -5,7 +5,7 @@ agent restarted mid-round resumes it: it sends the same job again and the
 server answers with what it still lacks (or that it is done).
 
 With ``train_on = "board"`` a round sends nothing: after the forward passes the
-board trains the side network itself (edge_agent/board_trainer.py) on its own
+board trains the side network itself (schemas/sidenet.py) on its own
 cached states and the mixed targets of the TRUE labels (nothing leaves the
 board, so no randomised response and no noise in the extra target dimensions),
 and installs the result as the next adapter version; only the board's status
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import board_trainer
+from schemas import sidenet
 from edge_agent.config import EdgeSettings
 from edge_agent.evaluate import Holdout, load_holdout
 from edge_agent.ledger import Ledger
@@ -167,7 +167,7 @@ class Rounds:
                      rep.train_loss, f"{rep.val_loss:.4f}" if rep.val_loss is not None else "-")
             return not self.stopping.is_set()
 
-        weights, reports = board_trainer.train(spec, self.s.hyper, tapped, targets, init=init, on_epoch=on_epoch)
+        weights, reports = sidenet.train(spec, self.s.hyper, tapped, targets, init=init, on_epoch=on_epoch)
         train_cpu = time.process_time() - cpu0
         if self.stopping.is_set():
             self._fail_number(rnd, "the agent stopped during board training")

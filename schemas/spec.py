@@ -1,7 +1,7 @@
 """The side network a device asks for, and the hyper-parameters of a job.
 
 The server builds exactly this network (side_server/sidenet.py) and the board
-runs its forward pass (edge_agent/sidenet.py); both read this spec only.
+runs it in numpy (schemas/sidenet.py); both read this spec only.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ For each tapped layer j (taps from the device's spec)::
 ``W_up`` and ``W_out`` start at zero: a fresh network outputs 0, so the board's
 prediction starts as the backbone's own. Parameter names follow
 ``schemas.weights.expected_shapes`` so ``state_dict`` *is* the adapter file.
-The board's numpy twin is ``edge_agent/sidenet.py`` (parity-tested).
+The board's numpy twin is ``schemas/sidenet.py`` (parity-tested: forward, gradients, training).
 """
 
 from __future__ import annotations

@@ -102,6 +102,7 @@ def train(
     on_epoch: Callable[[EpochReport, bytes], bool] | None = None,
     should_pause: Callable[[], bool] | None = None,
     on_pause: Callable[[bytes], None] | None = None,
+    sample_weight: np.ndarray | None = None,  # (N,), mean 1: a cohort's capped member shares
 ) -> tuple[SideNet, list[EpochReport]]:
     """Train for the remaining epochs. ``on_epoch(report, checkpoint)`` returns False to stop.
     ``should_pause()`` is asked after every optimizer step within an epoch; when it says yes,
@@ -121,6 +122,12 @@ def train(
 
     x = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+    sw = None if sample_weight is None else torch.from_numpy(np.ascontiguousarray(sample_weight, dtype=np.float32))
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        per = ((net.forward_tapped(x[idx]) - y[idx]) ** 2).sum(dim=1)  # (B, K) -> (B,)
+        return (per if sw is None else per * sw[idx]).mean()
+
     tr, va = split(len(x), hyper)
     reports: list[EpochReport] = []
     finished = True
@@ -132,7 +139,7 @@ def train(
         paused = False
         for b in range(first, len(order), hyper.batch_size):
             idx = torch.from_numpy(order[b : b + hyper.batch_size])
-            loss = ((net.forward_tapped(x[idx]) - y[idx]) ** 2).sum(dim=1).mean()  # (B, K) -> ()
+            loss = loss_of(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -152,7 +159,7 @@ def train(
             net.eval()
             with torch.no_grad():
                 vi = torch.from_numpy(va)
-                val_loss = float(((net.forward_tapped(x[vi]) - y[vi]) ** 2).sum(dim=1).mean())
+                val_loss = float(loss_of(vi))
             if best is None or val_loss < best.val_loss:
                 best = Best(val_loss, epoch, {k: v.detach().clone() for k, v in net.state_dict().items()})
         report = EpochReport(epoch, train_loss, val_loss, time.perf_counter() - t0)

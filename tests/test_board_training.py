@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from edge_agent import board_trainer as bt
-from edge_agent.sidenet import SideNetForward
+from schemas import sidenet as bt
+from schemas.sidenet import SideNetForward
 from schemas.spec import HyperParams, SideNetSpec
 from schemas.topics import topic
 
@@ -45,7 +45,7 @@ def test_a_board_training_run_lowers_the_loss_and_learns_the_task():
     m = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))[0][:, :2]
     pred = (fwd(test_states) @ m).argmax(axis=1)
     assert (pred == y).mean() > 0.8
-    # The trainer's own forward pass is the board's (edge_agent/sidenet.py).
+    # The trainer's own forward pass is the board's (schemas/sidenet.py: one forward function).
     a = bt.normalise_inputs(SPEC, test_states[:, list(SPEC.taps)])
     from schemas.weights import decode_weights
 

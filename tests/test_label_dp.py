@@ -219,7 +219,7 @@ def test_the_prediction_keeps_its_meaning_under_label_dp():
     a = keep − (1 − keep)/(C − 1) > 0: the same argmax as the clear posterior's. The server's trainer
     and the board's forward pass, on features where one direction decides the label."""
     from edge_agent.secret import DeviceSecret
-    from edge_agent.sidenet import SideNetForward
+    from schemas.sidenet import SideNetForward
     from schemas import HyperParams, SideNetSpec
     from side_server.trainer import train
 

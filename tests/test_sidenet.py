@@ -8,7 +8,7 @@ import torch
 
 from edge_agent.config import EdgeSettings
 from edge_agent.secret import DeviceSecret
-from edge_agent.sidenet import SideNetForward
+from schemas.sidenet import SideNetForward
 from schemas import HyperParams, SideNetSpec, WeightsError, decode_weights, expected_shapes
 from schemas.schedule import EpochReport
 from side_server.sidenet import SideNet

@@ -21,7 +21,7 @@ import numpy as np
 from edge_agent.backbone import Backbone
 from edge_agent.config import EdgeSettings
 from edge_agent.features import FeatureExtractor
-from edge_agent.sidenet import SideNetForward
+from schemas.sidenet import SideNetForward
 from edge_agent.task import TaskSpec
 from schemas.files import atomic_write_with
 from schemas.spec import HyperParams, SideNetSpec

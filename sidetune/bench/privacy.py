@@ -20,7 +20,7 @@ server's trainer (``side_server.trainer.train``, the agent's default
 (the default ε with the raw prior ``p_b``, as the board did before its
 calibration: what the calibration changes); and, in the command,
 ``board_training`` (``train_on = "board"``: the board's numpy trainer,
-``edge_agent.board_trainer.train``, on targets of the true labels without noise,
+``schemas.sidenet.train``, on targets of the true labels without noise,
 as ``Rounds`` builds them): nothing but the board's status leaves the board, so
 every attack is null (there are no targets, activations or weights to read),
 and its ``device_cpu_s`` adds the measured training CPU to the forward passes.
@@ -77,7 +77,7 @@ from edge_agent.config import EdgeSettings
 from edge_agent.features import default_taps
 from edge_agent.label_dp import keep_probability, randomize
 from edge_agent.secret import DeviceSecret
-from edge_agent.sidenet import SideNetForward
+from schemas.sidenet import SideNetForward
 from schemas.spec import HyperParams, SideNetSpec
 from sidetune.bench.accuracy import BOTTLENECK, MAX_LENGTH, NOISE_STD, OUT_DIM, TaskFeatures
 
@@ -210,7 +210,7 @@ def privacy_on_features(dev: TaskFeatures, guessed: TaskFeatures, *, public: int
                         seed: int = 0, board_training: bool = False, progress: Progress = print) -> dict[str, Any]:
     """Every attack against every defence, per split; returns the per-split figures.
     ``board_training`` adds the board-only defence (trained on the board, nothing sent)."""
-    from edge_agent.board_trainer import train as board_train
+    from schemas.sidenet import train as board_train
     from side_server.trainer import train as server_train
 
     n, states_per_sample, width = dev.states.shape
