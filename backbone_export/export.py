@@ -252,6 +252,11 @@ def export_backbone(
             data_file(out / ONNX_NAME).unlink(missing_ok=True)
         os.replace(staged, out / ONNX_NAME)
         manifest.write(out)
+        # World-readable, whatever onnx or the umask made them (onnx creates the data file 0600):
+        # the board's agent runs as its own user and reads a copy `scp -r` made with these modes.
+        for path in (out / TOKENIZER_NAME, out / ONNX_NAME, data_file(out / ONNX_NAME), out / MANIFEST_NAME):
+            if path.exists():
+                os.chmod(path, 0o644)
     progress(
         f"wrote {out / ONNX_NAME} (fingerprint {fingerprint[:16]}...) in {manifest.export_seconds:.1f} s"
     )

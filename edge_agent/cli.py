@@ -31,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     if cmd == "predict":
         return _predict(settings, args.texts)
     from edge_agent.agent import EdgeAgent
+    from edge_agent.preflight import preflight
 
+    preflight(settings)  # a file the agent's user cannot read stops here, exit 78, naming the fix
     settings.broker_password()  # a missing or example password stops here, before the backbone loads
     agent = EdgeAgent(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
