@@ -9,9 +9,13 @@
 # bundle into /etc/sidetune (edge.password 0600), /etc/sidetune/task.toml from
 # deploy/task.example.toml if there is none, and the unit sidetune-edge.service. A later run is an
 # upgrade (--bundle optional then; give it to install a rotated password): the agent restarts.
-# The backbone is not installed: copy an exported folder (`sidetune export`) to /opt/sidetune/backbone.
+# --backbone DIR installs an exported backbone (a folder `sidetune export` wrote, copied to the board)
+# as /opt/sidetune/backbone; without it, a backbone already there is kept. Either way its files are
+# made readable by the agent's user (root-owned, 0644 in 0755 folders: `scp -r` keeps the modes
+# the export had, and older exports wrote backbone.onnx.data 0600).
 #
 # Options:
+#   --backbone DIR  install the exported backbone in DIR (replaces the installed one)
 #   --root DIR    install under DIR (for tests): no apt-get, no systemctl, no users or chown
 #   --venv PATH   use this existing virtualenv (sidetune[edge] installed in it) instead of creating
 #                 /opt/sidetune/.venv; it is linked there
@@ -23,12 +27,13 @@ PROG=install-board.sh
 . "$(dirname "$0")/host-checks.sh"
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
-ROOT="" VENV="" SRC="" BUNDLE=""
+ROOT="" VENV="" SRC="" BUNDLE="" BACKBONE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --root) ROOT=${2:?--root needs a folder}; shift 2 ;;
     --venv) VENV=${2:?--venv needs a folder}; shift 2 ;;
     --bundle) BUNDLE=${2:?--bundle needs a folder}; shift 2 ;;
+    --backbone) BACKBONE=${2:?--backbone needs a folder}; shift 2 ;;
     -h|--help) usage ;;
     -*) echo "install-board.sh: unknown option $1" >&2; usage ;;
     *) [ -z "$SRC" ] || usage; SRC=$1; shift ;;
@@ -48,6 +53,11 @@ if [ -n "$BUNDLE" ]; then
   done
 elif [ "$UPGRADE" = 0 ]; then
   die "--bundle is required on a first install (\`sidetune broker add-device ID --dir /etc/sidetune/broker\` writes it on the server)"
+fi
+
+if [ -n "$BACKBONE" ]; then
+  BACKBONE=$(cd "$BACKBONE" && pwd) || die "no backbone folder $BACKBONE"
+  [ -f "$BACKBONE/manifest.json" ] || die "$BACKBONE has no manifest.json: --backbone takes the folder \`sidetune export --out\` wrote"
 fi
 
 # --- system packages and the service user (not under --root) --------------------------------
@@ -87,8 +97,18 @@ fi
 [ -f "$ETC/task.toml" ] || install -m 0644 "$SRC/deploy/task.example.toml" "$ETC/task.toml"
 install -d -m 0700 "${owner[@]}" "$ROOT/var/lib/sidetune"
 install -D -m 0644 "$SRC/deploy/sidetune-edge.service" "$ROOT/etc/systemd/system/sidetune-edge.service"
-[ -f "$OPT/backbone/manifest.json" ] \
-  || echo "install-board.sh: no backbone in $OPT/backbone yet: copy an exported one there (\`sidetune export\`)" >&2
+if [ -n "$BACKBONE" ]; then
+  rm -rf "$OPT/backbone.new"
+  cp -r "$BACKBONE" "$OPT/backbone.new"
+  rm -rf "$OPT/backbone" && mv "$OPT/backbone.new" "$OPT/backbone"
+fi
+if [ -f "$OPT/backbone/manifest.json" ]; then
+  [ -n "$ROOT" ] || chown -R root:root "$OPT/backbone"
+  chmod -R u+rwX,go+rX,go-w "$OPT/backbone"   # the agent's user reads it, nobody else writes it
+else
+  echo "install-board.sh: no backbone in $OPT/backbone yet: export one (\`sidetune export\`, see the README's" \
+       "Deploy section), copy it here and run install-board.sh --backbone DIR ." >&2
+fi
 
 if [ -n "$ROOT" ]; then
   echo "installed under $ROOT (no services started)"

@@ -89,13 +89,16 @@ UPGRADE=0
 if [ -f "$BROKER/broker.json" ]; then
   UPGRADE=1
   [ ${#HOSTS[@]} -eq 0 ] && [ ${#PORTS[@]} -eq 0 ] || echo "install-server.sh: $BROKER exists: --hostname and ports ignored (sidetune broker init --force replaces the broker)" >&2
-  "$SIDETUNE" broker refresh --dir "$BROKER"
+  # its "restart ... to apply" is this script's own job (below), not the operator's
+  "$SIDETUNE" broker refresh --dir "$BROKER" | sed '/^certificates and passwords unchanged; restart/d'
+  echo "certificates and passwords unchanged"
 else
   if [ -z "$BROKER_USER" ]; then
     BROKER_USER=mosquitto
     [ -z "$ROOT" ] || BROKER_USER=$(id -un)
   fi
-  "$SIDETUNE" broker init "$BROKER" --user "$BROKER_USER" "${HOSTS[@]}" "${PORTS[@]}"
+  # its "next steps" (the fragment, Redis's include, the restarts) are what this script does next
+  "$SIDETUNE" broker init "$BROKER" --user "$BROKER_USER" "${HOSTS[@]}" "${PORTS[@]}" | sed '/^next steps:/,$d'
 fi
 
 # mosquitto: the fragment under Debian's stock /etc/mosquitto/mosquitto.conf

@@ -159,24 +159,68 @@ def test_the_scripts_check_os_architecture_python_and_bundle(tmp_path):
     assert p.returncode == 1 and "edge.toml is missing" in p.stderr
 
 
+def test_install_server_tells_no_step_it_has_done(root):
+    """Issue 23: `broker init`'s "next steps" (copy the fragment, Redis's include, restart) and
+    `broker refresh`'s "restart ... to apply" are the script's own work; it does not print them."""
+    args = ["--root", str(root), "--venv", str(VENV), "--hostname", "broker.example.lan", "."]
+    first = run_script("install-server.sh", *args).stdout
+    assert "broker: TLS on" in first and "next steps" not in first and "include /etc/redis" not in first, first
+    upgrade = run_script("install-server.sh", "--root", str(root), "--venv", str(VENV), ".").stdout
+    assert "to apply" not in upgrade and "certificates and passwords unchanged" in upgrade, upgrade
+    assert (root / "etc/redis/sidetune.conf").exists()
+
+
+def test_install_board_backbone_flag(root, tiny_backbone):
+    """--backbone installs an export whose data file is 0600 (as older exports wrote it) readable
+    by all; a folder that is not an export is refused."""
+    bundle = root / "bundle"
+    bundle.mkdir()
+    for name in ("edge.toml", "ca.crt", "edge.password"):
+        (bundle / name).write_text("x\n")
+    common = ["--root", str(root / "r"), "--venv", str(VENV), "--bundle", str(bundle)]
+    p = run_script("install-board.sh", *common, "--backbone", str(bundle), ".", check=False)
+    assert p.returncode == 1 and "has no manifest.json" in p.stderr, p.stderr
+    exported = root / "exported"
+    shutil.copytree(tiny_backbone, exported)
+    (exported / "backbone.onnx.data").chmod(0o600)
+    run_script("install-board.sh", *common, "--backbone", str(exported), ".")
+    installed = root / "r/opt/sidetune/backbone"
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in installed.iterdir()} == {
+        p.name: 0o644 for p in exported.iterdir()}
+    # a backbone already there (copied by hand) gets the same modes from a later run
+    (installed / "tokenizer.json").chmod(0o600)
+    p = run_script("install-board.sh", *common, ".")
+    assert stat.S_IMODE((installed / "tokenizer.json").stat().st_mode) == 0o644
+    assert "no backbone" not in p.stderr
+
+
 # ------------------------------------------------------------------ the Deploy section, word for word
 
 
-def deploy_commands(path: Path = DEPLOY_DOC) -> list[str]:
-    """The ```bash blocks of the "## Deploy" section of ``path`` (the whole file if it has none)."""
+def deploy_blocks(path: Path = DEPLOY_DOC) -> list[tuple[str, str]]:
+    """(host, text) of the ```bash blocks of the "## Deploy" section of ``path`` (the whole file if it
+    has none); a block's host is the word after its ``bash`` tag (``server``, ``board``, ``export``).
+    scripts/test-deploy reads them the same way."""
     text = path.read_text()
     m = re.search(r"^## Deploy\s*$(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
     section = m.group(1) if m else text
-    return re.findall(r"^```bash\n(.*?)^```", section, flags=re.M | re.S)
+    return re.findall(r"^```bash(?: (\w+))?\n(.*?)^```", section, flags=re.M | re.S)
 
 
-def under_root(block: str, root: Path) -> tuple[str, set[str]]:
+def deploy_commands(path: Path = DEPLOY_DOC) -> list[str]:
+    return [block for _host, block in deploy_blocks(path)]
+
+
+def under_root(block: str, root: Path, backbone: Path | None = None) -> tuple[str, set[str]]:
     """A block of the Deploy section as it runs under --root: the install scripts get ``--root``
-    and ``--venv``, absolute paths move under the root, `scp -r X host:Y` copies locally, and the
-    systemctl steps are left out. Returns the script and the rules that applied."""
+    and ``--venv``, absolute paths move under the root, `scp -r X host:Y` copies locally, the
+    systemctl steps are left out and `sidetune export --out DIR` copies ``backbone`` (an exported
+    tiny model) to DIR. Returns the script and the rules that applied."""
     used: set[str] = set()
     out = []
     for line in block.splitlines():
+        line, n = re.subn(r"^\S*sidetune export --model \S+ --out (\S+)$", rf"cp -r {backbone} \1", line)
+        used |= {"export"} if n else set()
         if re.match(r"\s*systemctl\b", line):
             used.add("systemctl")
             continue
@@ -190,21 +234,32 @@ def under_root(block: str, root: Path) -> tuple[str, set[str]]:
     return "set -euo pipefail\n" + "\n".join(out) + "\n", used
 
 
-def test_the_deploy_section_runs_word_for_word_under_root(root):
-    blocks = deploy_commands()
-    assert len(blocks) >= 5, f"{DEPLOY_DOC} lost its ```bash blocks"
+def test_the_deploy_section_runs_word_for_word_under_root(root, tiny_backbone):
+    blocks = deploy_blocks()
+    assert len(blocks) >= 6, f"{DEPLOY_DOC} lost its ```bash blocks"
+    assert {host for host, _ in blocks} == {"server", "board", "export"}, [host for host, _ in blocks]
     (root / "root").mkdir()
+    (root / "export").mkdir()
+    # a copy as older exports wrote it (data file 0600): the board's install makes it readable
+    exported = root / "exported"
+    shutil.copytree(tiny_backbone, exported)
+    (exported / "backbone.onnx.data").chmod(0o600)
     used: set[str] = set()
     passwords = []
-    for block in blocks:
-        script, rules = under_root(block, root)
+    for host, block in blocks:
+        script, rules = under_root(block, root, exported)
         used |= rules
-        proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+        cwd = root / "export" if host == "export" else REPO  # the export's output stays out of the source folder
+        proc = subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"{block}\n---\n{script}\n---\n{proc.stderr}{proc.stdout}"
         pw = root / "etc/sidetune/edge.password"
         if pw.exists() and (not passwords or passwords[-1] != pw.read_text()):
             passwords.append(pw.read_text())
-    assert used == {"systemctl", "install", "scp", "paths"}
+    assert used == {"systemctl", "install", "scp", "paths", "export"}
+    installed = root / "opt/sidetune/backbone"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in installed.iterdir()}
+    assert modes == {name: 0o644 for name in modes} and "backbone.onnx.data" in modes, modes
+    assert stat.S_IMODE(installed.stat().st_mode) == 0o755
     broker = root / "etc/sidetune/broker"
     assert "board-17" in (broker / "passwd").read_text()
     # the board holds the rotated password, which is the broker's current one
