@@ -32,10 +32,13 @@ from schemas.topics import UPLINK_KINDS, Topic, subscription
 from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
 from schemas.wire import decode, encode
 from side_server.cache import ActivationCache, CacheFull
+from side_server.cohorts import CohortRegistry, CohortStore
 from side_server.config import ServerSettings
 from side_server.fleet import FleetLog
 from side_server.inbox import FairInbox
 from side_server.metrics import MetricsServer, WorkerMetrics
+from side_server.outage import Outage
+from side_server.pooling import Pool, TrainingSet
 from side_server.quotas import SERVER_FULL, OverQuota, Rejected, check_job
 from side_server.redis_client import connect
 from side_server.store import JobRecord, JobStore, QuotaFull, job_digest
@@ -73,6 +76,10 @@ class Worker:
         self.r = connect(settings)
         self.cache = ActivationCache(self.r, settings.activation_ttl, settings.quotas.cache_bytes)
         self.store = JobStore(self.r, settings.closed_job_ttl, settings.adapters_kept)
+        self.cohorts = CohortRegistry(settings.cohorts_file)  # the operator's word on membership
+        self.pool = Pool(self.store, self.cache, CohortStore(self.r, settings.adapters_kept), self.cohorts,
+                         worker_id=settings.worker_id, lease_seconds=settings.lease_seconds,
+                         max_share=settings.cohort_max_share, max_samples=settings.cohort_max_samples)
         self.stats = Stats()
         self.metrics = WorkerMetrics()  # served on metrics_port by start() (side_server/metrics.py)
         self.fleet = FleetLog(self.r)  # what `sidetune fleet` and the dashboard show (side_server/fleet.py)
@@ -100,7 +107,7 @@ class Worker:
         self._reannounce = threading.Event()
         self._threads: list[threading.Thread] = []
         self._ingest_beat = time.monotonic()
-        self._loaded: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, str], TrainingSet] = OrderedDict()
         self._unreleased: tuple[str, str] | None = None
         self._next_reap = 0.0
 
@@ -161,14 +168,16 @@ class Worker:
         return None
 
     def _ingest_loop(self) -> None:
+        outage = Outage("redis", "the ingest loop", log)  # one line when Redis goes, one when it is back
         while not self.stopping.is_set():
             self._ingest_beat = time.monotonic()
             if self._reannounce.is_set():
                 try:
                     self.reannounce()
                     self._reannounce.clear()
+                    outage.over()
                 except redis.RedisError as e:
-                    log.warning("redis unavailable (%s); re-announcing later", e)
+                    outage.failed(e)  # re-announced on a later turn
             try:
                 item = self.inbox.get(timeout=0.2)
             except queue.Empty:
@@ -177,12 +186,12 @@ class Worker:
             while not self.stopping.is_set():
                 try:
                     self.handle(item)
+                    outage.over()
                     break
                 except (redis.ConnectionError, redis.TimeoutError) as e:
-                    # Redis down or restarting: keep the message (unacked) and try again. Anything
-                    # else Redis answers (a full Redis, an error) is a rejection, never a retry.
-                    log.warning("redis unavailable (%s); retrying", e)
-                    time.sleep(1.0)
+                    # Redis down or restarting: keep the message (unacked) and try again, backing off.
+                    # Anything else Redis answers (a full Redis, an error) is a rejection, never a retry.
+                    self.stopping.wait(outage.failed(e))
                     self._ingest_beat = time.monotonic()  # waiting for Redis is not a hang
             else:
                 return  # stopping: leave it unacknowledged, the broker redelivers it
@@ -285,6 +294,24 @@ class Worker:
             log.debug("status of %s not stored: redis is full", msg.device_id)
         self.fleet.status(msg.device_id, msg.state, msg.agent_version, msg.adapter_version, msg.backbone_fingerprint,
                           msg.sent_at, msg.last_round.model_dump() if msg.last_round is not None else None)
+        cohort = self.cohorts.cohort_of(msg.device_id)
+        if cohort and msg.state == "online":
+            self._catch_up(msg.device_id, cohort, msg.adapter_version)
+
+    def _catch_up(self, device: str, cohort: str, has: int) -> None:
+        """A member that comes online behind its cohort (it joined late, or was away) gets the
+        cohort's current adapter at once (retained on its own adapter topic)."""
+        v = self.pool.cohorts.version(cohort)
+        got = self.pool.cohorts.adapter(cohort, v) if v > has else None
+        task = self.pool.cohorts.task(cohort)
+        if got is None or task is None:
+            return
+        weights, meta = got
+        log.info("member %s of cohort %s is at v%d: sending the cohort's v%d", device, cohort, has, v,
+                 extra={"device": device})
+        self._send(AdapterUpdate(device_id=device, job_id=meta.get("job_id", f"cohort-v{v}"), version=v,
+                                 base_version=has, backbone_fingerprint=task[0], spec=task[1], weights=weights,
+                                 metrics=meta.get("metrics", {})), retain=True)
 
     def on_job(self, job: Job) -> None:
         rec = self.store.get(job.device_id, job.job_id)
@@ -294,7 +321,9 @@ class Worker:
             self._answer_again(rec)
             return
         cost = check_job(self.q, job.spec, job.hyper, len(job.keys))  # before anything is stored or built
-        if job.base_adapter_version and self.store.adapter(job.device_id, job.base_adapter_version) is None:
+        if job.cohort is not None:
+            self._check_member(job)
+        elif job.base_adapter_version and self.store.adapter(job.device_id, job.base_adapter_version) is None:
             raise Rejected("invalid", f"base adapter version {job.base_adapter_version} is unknown to the server")
         missing = self.cache.missing(job.device_id, job.keys)
         try:
@@ -319,6 +348,16 @@ class Worker:
             rec = self.store.get(job.device_id, job.job_id)
             if rec is not None:
                 self._answer_again(rec)
+
+    def _check_member(self, job: Job) -> None:
+        """A job for a cohort: from a member, of the cohort's task (the first member's job binds it)."""
+        assert job.cohort is not None
+        if self.cohorts.cohort_of(job.device_id) != job.cohort:
+            raise Rejected("not_member", f"device {job.device_id} is not a member of cohort {job.cohort} (the "
+                                         "operator adds it: sidetune broker set-cohort); nothing was pooled")
+        why = self.pool.cohorts.bind(job.cohort, job.backbone_fingerprint, job.spec)
+        if why is not None:
+            raise Rejected("cohort_mismatch", f"{why}: a member's jobs must be of the cohort's task")
 
     def _answer_again(self, rec: JobRecord) -> None:
         """A resent job: say again what is missing (or that it is done); change nothing."""
@@ -385,6 +424,7 @@ class Worker:
     # ------------------------------------------------------------ training
 
     def _train_loop(self) -> None:
+        outage = Outage("redis", "the training loop", log)  # one line when Redis goes, one when it is back
         while not self.stopping.is_set():
             try:
                 if self._unreleased is not None:  # a slice ended while Redis was away
@@ -394,13 +434,13 @@ class Worker:
                     self._next_reap = time.monotonic() + min(60.0, self.s.abandoned_after / 4)
                     self.reap()
                 picked = self._pick()
+                outage.over()
                 if picked is None:
                     time.sleep(0.2)
                     continue
                 self._run_leased(*picked)
             except (redis.RedisError, TransportError) as e:
-                log.warning("redis unavailable in the training loop (%s); retrying", e)
-                time.sleep(1.0)
+                self.stopping.wait(outage.failed(e))
             except Exception:
                 log.exception("training loop error")
                 time.sleep(1.0)
@@ -453,7 +493,7 @@ class Worker:
 
     def _give_up(self, device: str, job_id: str, reason: str) -> None:
         log.warning("job %s/%s failed: %s", device, job_id, reason, extra={"device": device, "job": job_id})
-        self._loaded.pop((device, job_id), None)
+        self._forget_loaded((device, job_id))
         self.store.fail(device, job_id, reason)
         self._closed(device, job_id, "failed", reason=reason)
         self._send(Progress(device_id=device, job_id=job_id, state="failed", detail=reason[:2000]))
@@ -493,21 +533,33 @@ class Worker:
         service = self.store.service(sorted({*free, device}))
         return min(service[d] for d in free) <= service[device] + running
 
-    def _training_data(self, device: str, job_id: str, rec: JobRecord) -> tuple[np.ndarray | None, np.ndarray | None,
-                                                                              list[str], list[str]]:
-        """(states, targets, keys, gone): from this worker's memory if it trained the job last."""
-        keys = self.store.keys(device, job_id)
+    def _training_data(self, device: str, job_id: str, rec: JobRecord) -> tuple[TrainingSet | None, list[str]]:
+        """What the run trains on (the job's samples, or its cohort's pool), or the job's keys that
+        are gone from the cache; from this worker's memory if it trained the job last."""
         got = self._loaded.get((device, job_id))
-        if got is not None and len(got[0]) == len(keys):
+        if got is not None:
             self._loaded.move_to_end((device, job_id))
-            return got[0], got[1], keys, []
+            if got.co_leased:  # leases taken for the run's first slice, kept for the others
+                self.pool.renew(got)
+            return got, []
+        keys = self.store.keys(device, job_id)
         states, gone = self.cache.get_many(device, keys, rec.spec.tap_rows)
         targets = self.store.targets(device, job_id, rec)
-        if states is not None and targets is not None:
-            self._loaded[(device, job_id)] = (states, targets)
-            while len(self._loaded) > LOADED_JOBS:
-                self._loaded.popitem(last=False)
-        return states, targets, keys, gone
+        if states is None or targets is None:
+            return None, gone
+        if self.pool.pooled(rec):
+            tset = self.pool.gather(rec, keys, states, targets)
+        else:
+            tset = TrainingSet(states, targets, jobs=[(device, job_id)])
+        self._loaded[(device, job_id)] = tset
+        while len(self._loaded) > LOADED_JOBS:
+            self._forget_loaded(next(iter(self._loaded)))
+        return tset, []
+
+    def _forget_loaded(self, job: tuple[str, str]) -> None:
+        tset = self._loaded.pop(job, None)
+        if tset is not None:
+            self.pool.release(tset)
 
     def run_slice(self, device: str, job_id: str) -> None:
         """Train the job for one slice (``train_slice`` seconds, longer if nothing else waits);
@@ -516,19 +568,23 @@ class Worker:
         if rec is None or rec.closed:
             self.store.unready(device, job_id)
             return
-        states, targets, keys, gone = self._training_data(device, job_id, rec)
-        if states is None:  # evicted or expired since: ask the board again
+        tset, gone = self._training_data(device, job_id, rec)
+        if tset is None and gone:  # evicted or expired since: ask the board again
             log.info("job %s/%s: %d cached samples are gone; asking again", device, job_id, len(gone))
             self.store.need(device, job_id, gone)
             self.fleet.job_state(device, job_id, "waiting")
             self._send(CacheReport(device_id=device, job_id=job_id, total=rec.samples, missing=tuple(gone)))
             return
-        if targets is None:
+        if tset is None:
             self._give_up(device, job_id, "the job's records are damaged (targets missing); send it again")
             return
         self.store.set_state(device, job_id, "training")
         self.fleet.job_state(device, job_id, "training")
-        init = self.store.adapter(device, rec.base_version) if rec.base_version else None
+        pooled = bool(tset.members)
+        if pooled:
+            init = self.pool.init_weights(rec)
+        else:
+            init = self.store.adapter(device, rec.base_version) if rec.base_version else None
         ckpt = self.store.checkpoint(device, job_id)
         t0 = time.perf_counter()
         epochs = rec.hyper.epochs
@@ -545,6 +601,7 @@ class Worker:
             if self._others_waiting(device, job_id, time.monotonic() - started):
                 return False  # fair share: another job's turn
             slice_end = time.monotonic() + self.s.train_slice
+            self.pool.renew(tset)
             return self.store.renew(device, job_id, self.s.worker_id, self.s.lease_seconds)
 
         def should_pause() -> bool:
@@ -564,6 +621,7 @@ class Worker:
             if self.stopping.is_set() or not self.store.renew(device, job_id, self.s.worker_id, self.s.lease_seconds):
                 stopped = True
                 return False
+            self.pool.renew(tset)
             self.store.save_checkpoint(device, job_id, self.s.worker_id, blob)
             self._send(Progress(device_id=device, job_id=job_id, state="training", epoch=rep.epoch, epochs=epochs,
                                 train_loss=rep.train_loss, val_loss=rep.val_loss, samples_cached=rec.samples,
@@ -573,15 +631,20 @@ class Worker:
                 return False
             return True
 
-        net, reports = train(rec.spec, rec.hyper, states, targets, init_weights=init, checkpoint=ckpt,
-                             on_epoch=on_epoch, should_pause=should_pause, on_pause=on_pause)
+        net, reports = train(rec.spec, rec.hyper, tset.states, tset.targets, init_weights=init, checkpoint=ckpt,
+                             on_epoch=on_epoch, should_pause=should_pause, on_pause=on_pause,
+                             sample_weight=tset.weights)
         if stopped:
             log.debug("job %s/%s paused (its slice ended, the lease was lost or the worker stops)", device, job_id)
             return
-        version = self.store.assign_version(device, job_id)
         weights = net.to_weights()
-        self.store.save_adapter(device, version, weights)
-        metrics: dict[str, float] = {"train_seconds": time.perf_counter() - t0, "samples": float(rec.samples)}
+        metrics: dict[str, float] = {"train_seconds": time.perf_counter() - t0, "samples": float(len(tset.states))}
+        if pooled:
+            version = self.pool.version(rec, tset)
+            metrics["cohort_members"] = float(len(tset.members))
+        else:
+            version = self.store.assign_version(device, job_id)
+            self.store.save_adapter(device, version, weights)
         if reports:
             metrics["train_loss"] = reports[-1].train_loss
             if reports[-1].val_loss is not None:
@@ -589,15 +652,24 @@ class Worker:
         gates = net.gates()
         if gates:
             metrics["mean_gate"] = float(np.mean(gates))
-        self._send(AdapterUpdate(device_id=device, job_id=job_id, version=version, base_version=rec.base_version,
-                                 backbone_fingerprint=rec.fingerprint, spec=rec.spec, weights=weights,
-                                 metrics=metrics), retain=True)
-        self.store.finish(device, job_id)
-        self._closed(device, job_id, "done", version=version)
-        self._loaded.pop((device, job_id), None)
-        self.stats.jobs_trained += 1
-        self._send(Progress(device_id=device, job_id=job_id, state="done", epoch=epochs, epochs=epochs,
-                            train_loss=metrics.get("train_loss"), val_loss=metrics.get("val_loss"),
-                            samples_cached=rec.samples, samples_total=rec.samples,
-                            detail=f"adapter version {version} published"))
-        log.info("job %s/%s done: adapter v%d", device, job_id, version, extra={"device": device, "job": job_id})
+        if pooled:
+            self.pool.cohorts.save_adapter(rec.cohort, version, weights, {"job_id": job_id, "metrics": metrics})
+            targets = self.pool.publish_targets(rec, tset)
+        else:
+            targets = {device: job_id}
+        for member, jid in targets.items():  # the job's device, or every member of its cohort
+            self._send(AdapterUpdate(device_id=member, job_id=jid, version=version, base_version=rec.base_version,
+                                     backbone_fingerprint=rec.fingerprint, spec=rec.spec, weights=weights,
+                                     metrics=metrics), retain=True)
+        for dev, jid in tset.jobs:  # the job, and the cohort's waiting jobs this run included
+            self.store.finish(dev, jid)
+            self._closed(dev, jid, "done", version=version)
+            self.stats.jobs_trained += 1
+            n = rec.samples if (dev, jid) == (device, job_id) else tset.members.get(dev, 0)
+            self._send(Progress(device_id=dev, job_id=jid, state="done", epoch=epochs, epochs=epochs,
+                                train_loss=metrics.get("train_loss"), val_loss=metrics.get("val_loss"),
+                                samples_cached=n, samples_total=n, detail=f"adapter version {version} published"))
+        self._forget_loaded((device, job_id))
+        log.info("job %s/%s done: adapter v%d%s", device, job_id, version,
+                 f" for the {len(targets)} members of cohort {rec.cohort}" if pooled else "",
+                 extra={"device": device, "job": job_id})
