@@ -10,11 +10,14 @@ A verbalizer is the word the backbone would say next for that class; it must be
 a single token of the backbone's tokenizer. Write it as the model sees it after
 the prompt: " positive" (leading space) for a byte-level BPE like SmolLM2's;
 for a whitespace word-level tokenizer " positive" and "positive" are the same
-token.
+token. ``deploy/task.example.toml`` documents every key; ``sidetune task init``
+writes a task file and ``sidetune task check`` checks one against a backbone
+(:func:`verbalizer_problems`, :func:`measure_fit`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,25 +156,127 @@ class TaskSpec:
             ) from None
 
     def verbalizer_ids(self, backbone: Any) -> list[int]:
-        """One token id per class; TaskError unless each verbalizer is exactly one known token."""
-        tok = backbone.tokenizer
-        unk = getattr(getattr(backbone, "manifest", None), "unk_token_id", None)
-        ids: list[int] = []
-        for cls_name, word in zip(self.classes, self.verbalizers, strict=True):
-            enc = tok.encode(word, add_special_tokens=False)
-            if len(enc.ids) != 1:
-                raise TaskError(
-                    f"task {self.name!r}: verbalizer {word!r} (class {cls_name!r}) is not a single token "
-                    f"for this backbone: it splits into {list(enc.tokens)} {list(enc.ids)}"
-                )
-            if unk is not None and enc.ids[0] == unk:
-                raise TaskError(
-                    f"task {self.name!r}: verbalizer {word!r} (class {cls_name!r}) is unknown to the "
-                    f"backbone's tokenizer (maps to {enc.tokens[0]!r})"
-                )
-            ids.append(int(enc.ids[0]))
-        if len(set(ids)) != len(ids):
-            raise TaskError(
-                f"task {self.name!r}: verbalizers {list(self.verbalizers)} map to the same tokens {ids}"
-            )
-        return ids
+        """One token id per class; TaskError unless each verbalizer is exactly one known token
+        (the message names every one that is not, and what to write instead)."""
+        problems = verbalizer_problems(self, backbone)
+        if problems:
+            raise TaskError(f"task {self.name!r}: " + "; ".join(problems))
+        return [single_token_id(backbone, w) for w in self.verbalizers]  # type: ignore[misc]
+
+    def to_toml(self) -> str:
+        """The task as a TOML file (``TaskSpec.from_toml`` reads it back unchanged)."""
+        lines = [f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in self.to_dict().items()]
+        text = "\n".join(lines) + "\n"  # JSON strings and arrays of them are TOML values
+        if TaskSpec.from_dict(toml.loads(text)) != self:
+            raise TaskError(f"task {self.name!r} does not survive a TOML round trip")
+        return text
+
+
+# -- a task against a backbone's tokenizer ----------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneTokenizer:
+    """What checking a task needs of an exported backbone: its tokenizer and manifest, without
+    loading the ONNX graph (``Backbone`` has the same ``tokenizer`` and ``manifest``)."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    manifest: Any  # schemas.manifest.BackboneManifest
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BackboneTokenizer:
+        from tokenizers import Tokenizer
+
+        from schemas.manifest import BackboneError, read_manifest
+
+        d = Path(directory).expanduser()
+        manifest = read_manifest(d)  # BackboneError (78) when it is no exported backbone
+        path = d / manifest.tokenizer_file
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exceptions
+            raise BackboneError(f"cannot read the tokenizer {str(path)!r}: {e}") from None
+        tok.no_truncation()
+        tok.no_padding()
+        return cls(tok, manifest)
+
+
+def text_budget(backbone: Any, max_length: int) -> int:
+    """Tokens left for the prompted text in a sequence of ``max_length`` (the backbone's special
+    tokens take the rest), as ``Backbone.encode`` counts them."""
+    m = backbone.manifest
+    return int(max_length) - len(m.prefix_ids) - len(m.suffix_ids)
+
+
+def _encode(backbone: Any, text: str) -> Any:
+    return backbone.tokenizer.encode(text, add_special_tokens=False)
+
+
+def single_token_id(backbone: Any, word: str) -> int | None:
+    """The id of ``word`` when it is exactly one token the tokenizer knows, else None."""
+    enc = _encode(backbone, word)
+    unk = getattr(backbone.manifest, "unk_token_id", None)
+    if len(enc.ids) != 1 or (unk is not None and enc.ids[0] == unk):
+        return None
+    return int(enc.ids[0])
+
+
+def _alternatives(backbone: Any, word: str, taken: set[int]) -> list[str]:
+    """Spellings near ``word`` that are one known token not taken by another class."""
+    stem = word.strip()
+    forms = [stem, stem.lower(), stem.capitalize(), *stem.split()]
+    seen: dict[int, str] = {}  # one spelling per token
+    for form in forms:
+        for cand in (" " + form, form):
+            tid = single_token_id(backbone, cand) if cand != word and cand.strip() else None
+            if tid is not None and tid not in taken and tid not in seen:
+                seen[tid] = cand
+    return list(seen.values())[:3]
+
+
+def verbalizer_problems(task: TaskSpec, backbone: Any) -> list[str]:
+    """One sentence per verbalizer that is not a single known token of ``backbone``'s tokenizer
+    (or shares its token with another class), each saying what to write instead."""
+    ids = [single_token_id(backbone, w) for w in task.verbalizers]
+    out: list[str] = []
+    for cls_name, word, tid in zip(task.classes, task.verbalizers, ids, strict=True):
+        if tid is not None:
+            continue
+        enc = _encode(backbone, word)
+        unk = getattr(backbone.manifest, "unk_token_id", None)
+        if len(enc.ids) == 1 and enc.ids[0] == unk:
+            what = f"is unknown to the backbone's tokenizer (maps to {enc.tokens[0]!r})"
+        else:
+            what = (f"is not a single token for this backbone: it splits into {list(enc.tokens)} "
+                    f"{list(enc.ids)}")
+        alts = _alternatives(backbone, word, {i for i in ids if i is not None})
+        fix = (f"use {' or '.join(repr(a) for a in alts)}" if alts else
+               "choose another word (a common word, usually with a leading space for a "
+               "byte-level BPE such as SmolLM2's)")
+        out.append(f"verbalizer {word!r} (class {cls_name!r}) {what}: {fix}")
+    clash = sorted({i for i in ids if i is not None and ids.count(i) > 1})
+    for tid in clash:
+        words = [w for w, i in zip(task.verbalizers, ids) if i == tid]
+        out.append(f"verbalizers {', '.join(map(repr, words))} are the same token ({tid}): "
+                   "give each class its own word")
+    return out
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How the prompted texts fit ``max_length``: ``cut`` of ``texts`` lose tokens."""
+
+    texts: int
+    cut: int
+    longest: int  # the longest prompted text, in tokens (without the special tokens)
+    budget: int  # tokens a prompted text may have
+
+
+def measure_fit(backbone: Any, task: TaskSpec, texts: Sequence[str], max_length: int) -> Fit:
+    """Tokenize each prompted text without truncation and count those over the budget; a causal
+    backbone keeps their LAST tokens (the template's ending stays), an encoder their first."""
+    budget = text_budget(backbone, max_length)
+    prompts = [task.prompt(t) for t in texts]
+    encoded = backbone.tokenizer.encode_batch(prompts, add_special_tokens=False)
+    lengths = [len(e.ids) for e in encoded]
+    return Fit(len(lengths), sum(n > budget for n in lengths), max(lengths, default=0), budget)

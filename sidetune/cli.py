@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sidetune.dashboard import register as add_dashboard_command
 
     add_dashboard_command(sub)
+    from sidetune.task_cli import register as add_task_commands
+
+    add_task_commands(sub)
     return p
 
 
