@@ -190,6 +190,10 @@ class EdgeAgent:
                 self.step()
                 self.watchdog.pet()
             notify("STOPPING=1")
+            r = self.rounds.current
+            log.info("edge agent %s stopping (asked to): %s, %d outbox messages kept for the next start",
+                     self.s.device_id, f"round {r.number} resumes then" if r else "no round open",
+                     self.outbox.pending())
             if self.transport.connected.is_set():
                 t, payload = encode(self._status("offline"))
                 self.transport.publish(t, payload, retain=True)
@@ -203,6 +207,7 @@ class EdgeAgent:
             self.metrics.stop()
             self.ledger.close()
             lock.release()
+            log.info("edge agent %s stopped", self.s.device_id)
 
     def step(self, wait: float = 0.2) -> None:
         """One turn of the main loop (also used by tests)."""

@@ -15,6 +15,7 @@ from edge_agent.inbox import finish_file, parse_jsonl, pending_files
 from edge_agent.keys import sample_key
 from edge_agent.ledger import Ledger
 from edge_agent.model import LocalModel
+from edge_agent.task import measure_fit
 
 log = logging.getLogger("sidetune.edge.inbox")
 
@@ -39,4 +40,16 @@ def ingest_inbox(inbox: Path, model: LocalModel, ledger: Ledger, pet: Callable[[
         added += new
         log.info("inbox: %s: %d samples (%d new, %d duplicates), %d bad lines skipped", path.name,
                  len(rows), new, len(rows) - new, len(parsed.errors))
+        _log_cut(path.name, model, [t for t, _ in parsed.good])
     return added
+
+
+def _log_cut(name: str, model: LocalModel, texts: list[str]) -> None:
+    """One line per file when prompted texts are longer than max_length allows (they were cut)."""
+    fit = measure_fit(model.backbone, model.task, texts, model.fx.max_length)
+    if fit.cut:
+        kept = "last" if model.backbone.pivot == "last" else "first"
+        log.warning("inbox: %s: %d of %d texts were cut to max_length %d: their prompt is longer than "
+                    "%d tokens (the longest %d); the %s %d were kept (`sidetune task check --texts` "
+                    "counts them; raise max_length in edge.toml to keep more)", name, fit.cut, fit.texts,
+                    model.fx.max_length, fit.budget, fit.longest, kept, fit.budget)

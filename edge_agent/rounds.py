@@ -126,8 +126,11 @@ class Rounds:
         self.send([(t, payload, False)], rnd)
         self.current = Round(rnd, job, t0, time.time())
         self.ledger.set_meta("activity", f"round {rnd}: waiting for the server")
-        log.info("round %d: job %s with %d samples (%d new, %d forward passes, %d labels randomised at ε=%g)",
-                 rnd, job.job_id, len(everything), n_new, passes, drawn, self.s.label_epsilon)
+        eps = self.s.label_epsilon
+        dp = ("labels sent as they are: label_epsilon = inf" if eps == float("inf")
+              else f"{drawn} new labels through randomised response at ε={eps:g}")
+        log.info("round %d: job %s with %d samples (%d new, %d forward passes, %s)",
+                 rnd, job.job_id, len(everything), n_new, passes, dp)
         return rnd
 
     def _train_on_board(self, t0: float, passes: int, forward_cpu: float) -> int | None:
