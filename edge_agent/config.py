@@ -59,6 +59,15 @@ class EdgeSettings(FileThenEnv):
     #: board's own cached features; no job and no activations leave the board, only its status). A board-trained
     #: board keeps every sample's pivot states in its ledger (the next round trains on them again).
     train_on: Literal["server", "board"] = "server"
+    #: The cohort this board belongs to (`sidetune broker add-device --cohort`): boards of one task that
+    #: train one side network together. Its targets are mixed with the cohort's shared secret
+    #: (``cohort_secret_file``, made off the server by `sidetune cohort secret`) instead of the board's
+    #: own, so the server can pool them with the other members' (it checks membership itself).
+    cohort: str | None = None
+    cohort_secret_file: Path | None = None
+    #: How a cohort member pools: ``"activations"`` (the server trains on the members' cached pivot
+    #: states and label-DP targets, as a lone board's do).
+    pool: Literal["activations"] = "activations"
     hyper: HyperParams = HyperParams()
     #: Optional held-out JSONL ({"text", "label"}) to evaluate each new adapter on.
     holdout_file: Path | None = None
@@ -78,6 +87,13 @@ class EdgeSettings(FileThenEnv):
     @classmethod
     def _device_id(cls, v: str) -> str:
         check_device_id(v)
+        return v
+
+    @field_validator("cohort")
+    @classmethod
+    def _cohort(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_device_id(v)  # a cohort name has a device id's charset
         return v
 
     def broker_password(self) -> str:

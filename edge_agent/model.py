@@ -17,7 +17,7 @@ from edge_agent.calibration import calibrate, fit_prior_bias, load_bias, save_bi
 from edge_agent.config import EdgeSettings
 from edge_agent.evaluate import as_probabilities, probabilities
 from edge_agent.features import FeatureExtractor, default_taps
-from edge_agent.secret import DeviceSecret, load_or_create
+from edge_agent.secret import DeviceSecret, load_or_create, with_cohort_basis
 from edge_agent.task import TaskSpec
 from schemas.adapter import AdapterUpdate
 from schemas.errors import ConfigurationError, SpecMismatch
@@ -38,6 +38,13 @@ class LocalModel:
         self.fx = FeatureExtractor(self.backbone, self.task, settings.max_length, settings.batch_size)
         try:
             self.secret: DeviceSecret = load_or_create(self.state_dir, settings.out_dim)
+            if settings.cohort is not None:
+                if settings.cohort_secret_file is None:
+                    raise ValueError(f"cohort = {settings.cohort!r} needs cohort_secret_file (the cohort's secret, "
+                                     f"made with `sidetune cohort secret {settings.cohort}` and installed beside "
+                                     "the board's bundle)")
+                self.secret = with_cohort_basis(self.secret, settings.cohort_secret_file, settings.cohort,
+                                                settings.out_dim)
         except ValueError as e:
             raise ConfigurationError(str(e)) from None
         taps = tuple(settings.taps) if settings.taps else tuple(default_taps(self.backbone.num_layers))

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas import sidenet
 from edge_agent.config import EdgeSettings
 from edge_agent.evaluate import Holdout, load_holdout
 from edge_agent.ledger import Ledger
 from edge_agent.model import LocalModel
 from edge_agent.upload import activation_messages
+from schemas import sidenet
 from schemas.adapter import AdapterUpdate
 from schemas.base import Message
 from schemas.errors import SpecMismatch
@@ -119,7 +119,8 @@ class Rounds:
         job = Job(device_id=self.s.device_id, job_id=f"r{rnd}-{uuid.uuid4().hex[:8]}",
                   backbone_fingerprint=self.model.backbone.fingerprint, spec=self.model.spec, hyper=self.s.hyper,
                   base_adapter_version=self.model.adapter_version,
-                  keys=tuple(s.key for s in everything), targets=WireTensor.from_array(targets, "float32"))
+                  keys=tuple(s.key for s in everything), targets=WireTensor.from_array(targets, "float32"),
+                  cohort=self.s.cohort)
         t, payload = encode(job)
         self.ledger.update_round(rnd, job_id=job.job_id, state="sent", forward_passes=passes, job_payload=payload,
                                  started=t0)

@@ -56,6 +56,29 @@ class DeviceSecret:
         return g @ self.mixing(num_classes)
 
 
+def cohort_secret_json(cohort: str, out_dim: int) -> str:
+    """A new cohort secret (made off the server, handed to every member): a shared mixing basis."""
+    basis = DeviceSecret.generate(out_dim).basis
+    return json.dumps({"cohort": cohort, "out_dim": out_dim, "basis": basis.tolist()})
+
+
+def with_cohort_basis(own: DeviceSecret, path: Path, cohort: str, out_dim: int) -> DeviceSecret:
+    """The board's secret with the cohort's shared basis: sample keys stay the board's own (its
+    HMAC key never leaves it), its targets are mixed as every member's are."""
+    try:
+        data = json.loads(path.read_text())
+        basis = np.asarray(data["basis"], dtype=np.float64)
+        name = data["cohort"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the cohort secret {path}: {e}") from None
+    if name != cohort:
+        raise ValueError(f"{path} is the secret of cohort {name!r}, this board is in {cohort!r}")
+    if basis.shape != (out_dim, out_dim) or not np.allclose(basis.T @ basis, np.eye(out_dim), atol=1e-8):
+        raise ValueError(f"{path} does not hold an orthogonal {out_dim}x{out_dim} basis (out_dim is {out_dim}): "
+                         f"make it with `sidetune cohort secret {cohort} --out-dim {out_dim}`")
+    return DeviceSecret(own.key, basis)
+
+
 def load_or_create(state_dir: Path, out_dim: int) -> DeviceSecret:
     path = state_dir / "secret.json"
     if path.exists():

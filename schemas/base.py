@@ -14,6 +14,8 @@ from schemas.topics import DEVICE_ID_PATTERN
 
 DeviceId = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$")]
 MsgId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8,64}$")]
+#: A cohort (boards that share a task, made by `sidetune broker add-device --cohort`): a device id's charset.
+CohortName = Annotated[str, StringConstraints(pattern=f"^{DEVICE_ID_PATTERN}$")]
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 SampleKey = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Fingerprint = Annotated[str, StringConstraints(pattern=FINGERPRINT_PATTERN)]

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from schemas.base import Fingerprint, JobId, Message, SampleKey
+from schemas.base import CohortName, Fingerprint, JobId, Message, SampleKey
 from schemas.limits import MAX_JOB_SAMPLES
 from schemas.spec import HyperParams, SideNetSpec
 from schemas.tensors import WireTensor
@@ -27,6 +27,10 @@ class Job(Message):
     base_adapter_version: int = Field(default=0, ge=0, le=2**31, description="0: start from a fresh side network")
     keys: tuple[SampleKey, ...] = Field(min_length=1, max_length=MAX_JOB_SAMPLES)
     targets: WireTensor
+    #: The cohort whose shared mixing the targets are in (the board's ``cohort`` setting): the server
+    #: pools the job with the other members' samples only if its operator made this device a member
+    #: of this cohort (else ``not_member``); ``None``: the board trains alone.
+    cohort: CohortName | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Job:

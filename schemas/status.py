@@ -47,6 +47,9 @@ RejectCode = Literal[
     # A per-device quota (side_server/quotas.py; the reason names the setting), or a full cache:
     "quota_jobs", "quota_samples", "quota_cache", "quota_records", "quota_sidenet", "quota_memory",
     "quota_work", "quota_rate", "server_full",
+    # Cohorts: a board naming a cohort its operator did not put it in; a member's job or update of
+    # another task than the cohort's (another backbone fingerprint or side-network spec).
+    "not_member", "cohort_mismatch",
 ]
 
 

@@ -99,6 +99,16 @@ class ServerSettings(FileThenEnv):
     closed_job_ttl: int = Field(default=7 * 24 * 3600, gt=0)
     #: Adapters kept per device for warm starts (the newest ones; older ones are deleted).
     adapters_kept: int = Field(default=3, ge=1)
+    #: The operator's cohort registry (`sidetune broker add-device --cohort`, `set-cohort`): which
+    #: devices share a task and train one side network on their pooled samples. Re-read when it
+    #: changes; None: no cohorts (every device trains alone).
+    cohorts_file: Path | None = None
+    #: The most of a cohort's loss one member's samples may carry (0: an equal share per member):
+    #: a hostile or broken member shifts the cohort's network by its share only.
+    cohort_max_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: Samples one cohort training run holds at most (split evenly between the members; each keeps
+    #: its newest). Bounds the run's memory like a job's ``quotas.samples_per_job``.
+    cohort_max_samples: int = Field(default=20_000, ge=1)
     torch_threads: int = Field(default=1, ge=1)
     log_level: str = "INFO"
     #: ``text`` (journald-friendly lines) or ``json`` (one object per line: time, level, logger,

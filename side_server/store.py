@@ -7,7 +7,7 @@ job's records are split so that an activation batch reads only what it needs (th
 metadata hash and its keys' membership):
 
 * ``st:job:{dev}:job``        hash: state, digest, fingerprint, spec and hyper (JSON), base, n,
-                               charge, version, attempts, reason
+                               charge, version, attempts, reason, cohort
 * ``st:keys:{dev}:job``       hash: sample key (32 raw bytes) -> its row in the targets
 * ``st:targets:{dev}:job``    string: the targets, raw float32 ``(N, K)``
 * ``st:need:{dev}:job``       zset: keys (hex) the cache still lacks, scored by their row (the
@@ -239,6 +239,8 @@ class JobRecord:
     samples: int
     attempts: int
     reason: str
+    #: The cohort the job's samples are pooled in ("" : the device trains alone).
+    cohort: str = ""
 
     @property
     def closed(self) -> bool:
@@ -305,7 +307,7 @@ class JobStore:
             "state": "waiting", "digest": job_digest(job), "created": time.time(),
             "fingerprint": job.backbone_fingerprint, "spec": job.spec.model_dump_json(),
             "hyper": job.hyper.model_dump_json(), "base": job.base_adapter_version, "n": len(job.keys),
-            "charge": charge, "attempts": 0,
+            "charge": charge, "attempts": 0, "cohort": job.cohort or "",
         }
         keys = [_k("job", dev, jid), _k("keys", dev, jid), _k("need", dev, jid), _k("targets", dev, jid),
                 _k("usage", dev)]
@@ -348,7 +350,7 @@ class JobStore:
             device, job_id, h[b"state"].decode(), h.get(b"digest", b"").decode(), int(h.get(b"version", 0)),
             h[b"fingerprint"].decode(), SideNetSpec.model_validate_json(h[b"spec"]),
             HyperParams.model_validate_json(h[b"hyper"]), int(h.get(b"base", 0)), int(h[b"n"]),
-            int(h.get(b"attempts", 0)), h.get(b"reason", b"").decode())
+            int(h.get(b"attempts", 0)), h.get(b"reason", b"").decode(), h.get(b"cohort", b"").decode())
 
     def keys(self, device: str, job_id: str) -> list[str]:
         """The job's sample keys (hex), in the order of its targets."""
@@ -540,6 +542,12 @@ class JobStore:
     def assign_version(self, device: str, job_id: str) -> int:
         """The adapter version of this job: assigned once, the same after a crash and retry."""
         return int(self._version(keys=[_k("job", device, job_id), _k("adapter_ver", device)]))
+
+    def set_version(self, device: str, job_id: str, version: int) -> int:
+        """Give the job this adapter version unless it has one already (a cohort's numbering);
+        returns the job's version."""
+        self.r.hsetnx(_k("job", device, job_id), "version", version)
+        return int(cast(bytes, self.r.hget(_k("job", device, job_id), "version")) or version)
 
     def save_adapter(self, device: str, version: int, weights: bytes) -> None:
         """Keep the device's newest ``adapters_kept`` adapters (warm starts), drop the one before."""

@@ -296,15 +296,15 @@ class Worker:
                           msg.sent_at, msg.last_round.model_dump() if msg.last_round is not None else None)
         cohort = self.cohorts.cohort_of(msg.device_id)
         if cohort and msg.state == "online":
-            self._catch_up(msg.device_id, cohort, msg.adapter_version)
+            self._catch_up(msg.device_id, cohort, msg.adapter_version, msg.backbone_fingerprint)
 
-    def _catch_up(self, device: str, cohort: str, has: int) -> None:
+    def _catch_up(self, device: str, cohort: str, has: int, fingerprint: str | None) -> None:
         """A member that comes online behind its cohort (it joined late, or was away) gets the
         cohort's current adapter at once (retained on its own adapter topic)."""
         v = self.pool.cohorts.version(cohort)
         got = self.pool.cohorts.adapter(cohort, v) if v > has else None
         task = self.pool.cohorts.task(cohort)
-        if got is None or task is None:
+        if got is None or task is None or (fingerprint is not None and fingerprint != task[0]):
             return
         weights, meta = got
         log.info("member %s of cohort %s is at v%d: sending the cohort's v%d", device, cohort, has, v,

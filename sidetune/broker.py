@@ -22,6 +22,7 @@ from sidetune.provision import (
     load_params,
     reload_broker,
     remove_device,
+    set_cohort,
     write_configs,
 )
 
@@ -103,13 +104,30 @@ def _reload(d: Path, no_reload: bool) -> None:
 
 def cmd_add_device(args: argparse.Namespace) -> int:
     d = Path(args.dir).absolute()
-    bundle = add_device(d, args.device_id, broker_host=args.broker_host, rotate=args.rotate)
+    bundle = add_device(d, args.device_id, broker_host=args.broker_host, rotate=args.rotate, cohort=args.cohort)
     print(f"{'new password for' if args.rotate else 'account'} {args.device_id} in {d / 'passwd'}")
+    if args.cohort:
+        print(f"member of cohort {args.cohort} in {d / 'cohorts.json'}; put the cohort's secret in the bundle as "
+              f"{bundle / 'cohort.json'} (`sidetune cohort secret {args.cohort} --out FILE`, made once, off the "
+              "server, and copied to every member)")
     for name in ("edge.toml", "ca.crt", "edge.password"):
         print(f"wrote {bundle / name}")
     _reload(d, args.no_reload)
     print(f"next: copy {bundle}/ to the board and run deploy/install-board.sh --bundle FOLDER SIDETUNE_SOURCE "
           f"there{' (then restart its agent: systemctl restart sidetune-edge)' if args.rotate else ''}")
+    return 0
+
+
+def cmd_set_cohort(args: argparse.Namespace) -> int:
+    d = Path(args.dir).absolute()
+    if args.none == (args.cohort is not None):
+        raise UsageError("give a cohort name, or --none to take the device out of its cohort")
+    new = args.cohort
+    before = set_cohort(d, args.device_id, new)
+    print(f"{args.device_id}: cohort {before or '(none)'} -> {new or '(none)'} in {d / 'cohorts.json'} "
+          "(the workers follow within a second)")
+    if new and new != before:
+        print(f"the board needs cohort = \"{new}\" and the cohort's secret in its edge.toml (cohort_secret_file)")
     return 0
 
 
@@ -153,7 +171,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      help="the name the board connects to (default: init's first --hostname)")
     add.add_argument("--rotate", action="store_true", help="the device exists: give it a new password")
     add.add_argument("--no-reload", action="store_true", help="do not signal the running mosquitto")
+    add.add_argument("--cohort", default=None, metavar="NAME",
+                     help="make the board a member of this cohort (boards of one task that train together)")
     add.set_defaults(func=cmd_add_device)
+
+    sc = bsub.add_parser("set-cohort", help="move a board into a cohort, or out of its cohort (--none)")
+    sc.add_argument("device_id", metavar="ID")
+    sc.add_argument("cohort", nargs="?", default=None, metavar="NAME")
+    sc.add_argument("--none", action="store_true", help="take the board out of its cohort")
+    sc.add_argument("--dir", required=True, help="the broker folder")
+    sc.set_defaults(func=cmd_set_cohort)
 
     rm = bsub.add_parser("remove-device", help="delete a board's account and bundle, reload the broker")
     rm.add_argument("device_id", metavar="ID")

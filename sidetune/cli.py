@@ -108,12 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     from sidetune.broker import register as add_broker_commands
 
     add_broker_commands(sub)
+    from sidetune.cohort_cli import register as add_cohort_commands
+
+    add_cohort_commands(sub)
     from sidetune.dashboard import register as add_dashboard_command
 
     add_dashboard_command(sub)
     from sidetune.task_cli import register as add_task_commands
 
     add_task_commands(sub)
+    from sidetune.try_task import register as add_try_command
+
+    add_try_command(sub)
     return p
 
 

@@ -16,6 +16,8 @@ Layout of DIR (every path in the configuration files is absolute)::
     conf.d/sidetune.conf fragment for Debian's /etc/mosquitto/conf.d/
     state/               the standalone broker's pid file, persistence and log
     devices/ID/          a board's bundle: edge.toml, ca.crt, edge.password (0600)
+    cohorts.json         the cohort registry: member device -> its cohort (server.toml's
+                         ``cohorts_file``; `add-device --cohort`, `set-cohort` change it)
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ BOARD_PASSWORD_FILE = "/etc/sidetune/edge.password"
 BOARD_STATE_DIR = "/var/lib/sidetune"
 BOARD_BACKBONE_DIR = "/opt/sidetune/backbone"
 BOARD_TASK_FILE = "/etc/sidetune/task.toml"
+#: A cohort member's copy of its cohort's secret (made off the server: `sidetune cohort secret`).
+BOARD_COHORT_SECRET_FILE = "/etc/sidetune/cohort.json"
+COHORTS_JSON = "cohorts.json"
 
 #: Files init writes (and --force replaces).
 _OWN_FILES = ("broker.json", "ca.key", "ca.crt", "server.crt", "server.key", "passwd", "acl",
@@ -198,6 +203,8 @@ def write_configs(directory: Path, params: BrokerParams) -> list[Path]:
         "# The workers' shared subscription ($share/GROUP/...): keep it secret. mosquitto lets any\n"
         "# account join a group it can name, and a member takes its share of every device's uplinks.\n"
         f"share_group = \"{params.share_group}\"\n"
+        "# Which boards share a task and train one side network (`sidetune broker add-device --cohort`).\n"
+        f"cohorts_file = {_toml_str(d / COHORTS_JSON)}\n"
     )
     redis_conf = (render("redis.conf", {}).rstrip("\n") + "\n\n" + stamp +
                   "# Standalone: redis-server THIS_FILE --dir A_WRITABLE_FOLDER (no `dir` here, so Debian's\n"
@@ -278,13 +285,63 @@ def _device_id(device_id: str, *, new: bool = True) -> str:
     return device_id
 
 
+def cohorts(directory: Path) -> dict[str, str]:
+    """The cohort registry of DIR: member device -> cohort."""
+    path = directory / COHORTS_JSON
+    if not path.exists():
+        return {}
+    try:
+        devices = json.loads(path.read_text()).get("devices", {})
+        if not isinstance(devices, dict):
+            raise ValueError("no 'devices' object")
+        return {str(k): str(v) for k, v in devices.items()}
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def set_cohort(directory: Path, device_id: str, cohort: str | None) -> str | None:
+    """Make ``device_id`` a member of ``cohort`` (None: of none); returns its cohort before. The
+    workers re-read the registry within a second: pooling follows at once (a device taken out
+    trains alone from its next job; what it pooled before stays in the cohort's adapter)."""
+    d = directory.absolute()
+    load_params(d)
+    _device_id(device_id, new=False)
+    if cohort is not None:
+        _cohort_name(cohort)
+    if device_id not in accounts(d):
+        raise UsageError(f"no device {device_id} in {d}")
+    reg = cohorts(d)
+    before = reg.get(device_id)
+    if cohort is None:
+        reg.pop(device_id, None)
+    else:
+        reg[device_id] = cohort
+    _save_cohorts(d, reg)
+    return before
+
+
+def _cohort_name(cohort: str) -> str:
+    try:
+        return check_device_id(cohort)
+    except WireError:
+        raise UsageError(f"bad cohort name {cohort!r}: 1-64 characters from A-Z a-z 0-9 _ -, starting with a "
+                         "letter or digit") from None
+
+
+def _save_cohorts(d: Path, reg: dict[str, str]) -> None:
+    _write(d / COHORTS_JSON, json.dumps({"version": 1, "devices": dict(sorted(reg.items()))}, indent=1) + "\n",
+           0o644)
+
+
 def add_device(directory: Path, device_id: str, *, broker_host: str | None = None,
-               rotate: bool = False) -> Path:
+               rotate: bool = False, cohort: str | None = None) -> Path:
     """Create (or, with ``rotate``, re-key) the account ``device_id`` and write its bundle
     DIR/devices/ID/ (edge.toml, ca.crt, edge.password 0600). Returns the bundle folder."""
     d = directory.absolute()
     params = load_params(d)
     _device_id(device_id)
+    if cohort is not None:
+        _cohort_name(cohort)
     bundle = d / "devices" / device_id
     exists = device_id in accounts(d) or bundle.exists()
     if exists and not rotate:
@@ -312,12 +369,18 @@ def add_device(directory: Path, device_id: str, *, broker_host: str | None = Non
         f"backbone_dir = {_toml_str(BOARD_BACKBONE_DIR)}\n"
         f"task_file = {_toml_str(BOARD_TASK_FILE)}\n"
     )
+    if cohort is not None:
+        edge_toml += (f"# A member of cohort {cohort}: install its secret (`sidetune cohort secret {cohort}`, made off\n"
+                      "# the server) as the bundle's cohort.json.\n"
+                      f"cohort = {_toml_str(cohort)}\ncohort_secret_file = {_toml_str(BOARD_COHORT_SECRET_FILE)}\n")
     (d / "devices").mkdir(mode=0o700, exist_ok=True)
     bundle.mkdir(mode=0o700, exist_ok=True)
     _write(bundle / "edge.toml", edge_toml, 0o644)
     _write(bundle / "ca.crt", (d / "ca.crt").read_text(), 0o644)
     _write(bundle / "edge.password", password + "\n", 0o600)
     set_passwords(d / "passwd", {device_id: password})
+    if cohort is not None:
+        set_cohort(d, device_id, cohort)
     return bundle
 
 
@@ -335,6 +398,9 @@ def remove_device(directory: Path, device_id: str) -> None:
         if proc.returncode != 0:
             raise SidetuneError(f"mosquitto_passwd -D {device_id} failed: {(proc.stderr or proc.stdout).strip()}")
     shutil.rmtree(bundle, ignore_errors=True)
+    reg = cohorts(d)
+    if reg.pop(device_id, None) is not None:
+        _save_cohorts(d, reg)
 
 
 # ------------------------------------------------------------------ reload

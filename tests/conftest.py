@@ -140,6 +140,17 @@ def device_account(broker_accounts: dict[str, str]) -> tuple[str, str]:
     return user, broker_accounts[user]
 
 
+@pytest.fixture
+def device_accounts(broker_accounts: dict[str, str]) -> Callable[[int], list[tuple[str, str]]]:
+    """``n`` device accounts no other recent test uses (a cohort's members, say)."""
+
+    def take(n: int) -> list[tuple[str, str]]:
+        users = [next(_pool) for _ in range(n)]
+        return [(u, broker_accounts[u]) for u in users]
+
+    return take
+
+
 MqttFactory = Callable[..., Any]
 
 

@@ -21,9 +21,9 @@ import numpy as np
 from edge_agent.backbone import Backbone
 from edge_agent.config import EdgeSettings
 from edge_agent.features import FeatureExtractor
-from schemas.sidenet import SideNetForward
 from edge_agent.task import TaskSpec
 from schemas.files import atomic_write_with
+from schemas.sidenet import SideNetForward
 from schemas.spec import HyperParams, SideNetSpec
 from sidetune.data import CLASSES, NEWS_CLASSES, Review
 

@@ -1,0 +1,213 @@
+"""Cohorts: boards of one task train one side network on their pooled samples.
+
+Unit tests of the shares, the registry and the provisioning; then the whole loop through a
+real mosquitto and Redis: two members get one adapter trained on both boards' samples, a
+board that is not a member can neither add to the pool nor read the cohort's adapter, a
+member that joins late gets the current version at once, a member's job of another task is
+refused, and the cohort's secret never reaches the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_agent.secret import DeviceSecret, cohort_secret_json, with_cohort_basis
+from schemas.errors import UsageError
+from side_server.cohorts import CohortRegistry, capped_shares, member_weights
+
+
+def test_shares_are_proportional_until_capped_and_the_rest_is_shared_out():
+    np.testing.assert_allclose(capped_shares([100, 100, 200], 1.0), [0.25, 0.25, 0.5])
+    # cap 0 (the default) or anything at or below 1/M: every member an equal share
+    np.testing.assert_allclose(capped_shares([10, 100, 1000], 0.0), [1 / 3] * 3)
+    # one member with 90 % of the samples is held to 40 %; the others share the rest in proportion
+    got = capped_shares([900, 50, 50], 0.4)
+    np.testing.assert_allclose(got, [0.4, 0.3, 0.3])
+    w = member_weights([900, 50, 50], 0.4)
+    assert w.shape == (1000,) and w.mean() == pytest.approx(1.0)
+    assert w[:900].sum() / w.sum() == pytest.approx(0.4)
+
+
+def test_the_registry_follows_its_file(tmp_path):
+    path = tmp_path / "cohorts.json"
+    reg = CohortRegistry(path)
+    assert reg.cohort_of("dev-1") is None  # no file: no cohorts
+    path.write_text(json.dumps({"devices": {"dev-1": "press", "dev-2": "press", "dev-3": "lathe"}}))
+    reg._checked = 0.0
+    assert reg.members("press") == ["dev-1", "dev-2"] and reg.cohort_of("dev-3") == "lathe"
+    time.sleep(0.01)
+    path.write_text(json.dumps({"devices": {"dev-1": "lathe"}}))
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    reg._checked = 0.0
+    assert reg.members("press") == [] and reg.members("lathe") == ["dev-1"]
+
+
+def test_a_cohort_secret_shares_the_basis_and_keeps_the_boards_own_key(tmp_path):
+    path = tmp_path / "cohort.json"
+    path.write_text(cohort_secret_json("press", 8))
+    a, b = DeviceSecret.generate(8), DeviceSecret.generate(8)
+    ca, cb = with_cohort_basis(a, path, "press", 8), with_cohort_basis(b, path, "press", 8)
+    np.testing.assert_array_equal(ca.basis, cb.basis)
+    assert ca.key == a.key and cb.key == b.key and ca.key != cb.key
+    with pytest.raises(ValueError, match="cohort 'press', this board is in 'lathe'"):
+        with_cohort_basis(a, path, "lathe", 8)
+    with pytest.raises(ValueError, match="orthogonal 6x6"):
+        with_cohort_basis(a, path, "press", 6)
+
+
+def test_provisioning_records_membership_and_writes_it_into_the_bundle(tmp_path):
+    from sidetune.provision import (
+        BrokerParams,
+        add_device,
+        cohorts,
+        init_broker,
+        remove_device,
+        set_cohort,
+    )
+
+    d = tmp_path / "broker"
+    init_broker(d, BrokerParams(hostnames=["broker.example"]))
+    assert "cohorts_file" in (d / "server.toml").read_text()
+    bundle = add_device(d, "board-1", cohort="press")
+    add_device(d, "board-2")
+    toml = (bundle / "edge.toml").read_text()
+    assert 'cohort = "press"' in toml and "cohort_secret_file" in toml
+    assert cohorts(d) == {"board-1": "press"}
+    assert set_cohort(d, "board-2", "press") is None
+    assert set_cohort(d, "board-1", "lathe") == "press"
+    assert cohorts(d) == {"board-1": "lathe", "board-2": "press"}
+    set_cohort(d, "board-1", None)
+    assert cohorts(d) == {"board-2": "press"}
+    with pytest.raises(UsageError, match="bad cohort name"):
+        set_cohort(d, "board-2", "no/slash")
+    with pytest.raises(UsageError, match="no device ghost"):
+        set_cohort(d, "ghost", "press")
+    remove_device(d, "board-2")
+    assert cohorts(d) == {}
+    # the server's settings read the registry init pointed them at
+    from schemas.settings import load_settings
+    from side_server.config import ServerSettings
+
+    assert load_settings(ServerSettings, d / "server.toml").cohorts_file == d / "cohorts.json"
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.integration
+def test_members_train_one_adapter_on_both_boards_samples(tmp_path, tiny_backbone, mosquitto, redis_url,
+                                                          broker_accounts, device_accounts, mqtt_client, caplog):
+    import redis
+
+    from edge_agent.agent import EdgeAgent
+    from schemas.topics import topic
+    from sidetune.services import SERVER_USER
+    from tests.loop_helpers import (
+        AgentThread,
+        clear_device,
+        edge_settings,
+        make_samples,
+        request_round,
+        round_state,
+        server_settings,
+        start_worker,
+        wait_for,
+        write_jsonl,
+    )
+
+    (a, pa), (b, pb), (outsider, po), (late, pl), (odd, pd) = device_accounts(5)
+    registry = tmp_path / "cohorts.json"
+    registry.write_text(json.dumps({"devices": {a: "press", b: "press", odd: "press"}}))
+    secret = tmp_path / "cohort.json"
+    secret.write_text(cohort_secret_json("press", 4))
+    basis = np.asarray(json.loads(secret.read_text())["basis"])
+
+    # Everything the boards send, as the server receives it (the secret must never be in it).
+    uplinks: list[bytes] = []
+    lock = threading.Lock()
+    spy = mqtt_client(SERVER_USER)
+    subscribed = threading.Event()
+    spy.on_message = lambda c, u, m: (lock.acquire(), uplinks.append(m.payload), lock.release())
+    spy.on_subscribe = lambda *_: subscribed.set()
+    spy.subscribe([(f"sidetune/v1/{d}/+", 1) for d in (a, b, outsider, late, odd)])
+    assert subscribed.wait(5)
+
+    holdout = write_jsonl(tmp_path / "holdout.jsonl", make_samples(200, seed=99))
+
+    def member(device: str, password: str, **kw: object):
+        return edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, holdout_file=holdout,
+                             cohort="press", cohort_secret_file=secret, label_epsilon=float("inf"), **kw)
+
+    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER],
+                                          cohorts_file=registry))
+    caplog.set_level("INFO")
+    try:
+        with AgentThread(EdgeAgent(member(a, pa))) as agent_a, AgentThread(EdgeAgent(member(b, pb))) as agent_b:
+            request_round(agent_a, make_samples(150, seed=1))
+            r_a = wait_for(lambda: round_state(agent_a, 1), 120, "a's round")
+            assert r_a["state"] == "done" and r_a["adapter_version"] == 1, r_a
+            request_round(agent_b, make_samples(150, seed=2))
+            r_b = wait_for(lambda: round_state(agent_b, 1), 120, "b's round")
+            assert r_b["state"] == "done", r_b
+            # b's job trained the cohort's network on both boards' 300 samples, and a got it too
+            assert agent_b.adapter is not None and agent_b.adapter.version == 2
+            assert agent_b.adapter.metrics["samples"] == 300 and agent_b.adapter.metrics["cohort_members"] == 2
+            wait_for(lambda: agent_a.adapter is not None and agent_a.adapter.version == 2, 20, "a to install v2")
+            for k, v in agent_b.adapter.forward.w.items():
+                np.testing.assert_array_equal(agent_a.adapter.forward.w[k], v)
+            assert r_b["tuned_accuracy"] > r_b["zero_shot_accuracy"] + 0.1, r_b
+
+            # A board that names the cohort but is no member: refused, nothing pooled.
+            with AgentThread(EdgeAgent(member(outsider, po))) as agent_o:
+                request_round(agent_o, make_samples(60, seed=3))
+                r_o = wait_for(lambda: round_state(agent_o, 1), 60, "the outsider's round")
+                assert r_o["state"] == "failed" and "not a member of cohort press" in r_o["detail"], r_o
+            # ... and cannot read a member's (the cohort's) adapter: the broker's ACL
+            got: list[object] = []
+            peek = mqtt_client(outsider, po)
+            peek.on_message = lambda c, u, m: got.append(m)
+            peek.subscribe(topic(a, "adapter"), 1)
+            time.sleep(1.0)
+            assert got == []
+
+            # A member of another task (other taps: another spec) is refused with its own code.
+            with AgentThread(EdgeAgent(member(odd, pd, taps=[2, 4]))) as agent_d:
+                request_round(agent_d, make_samples(60, seed=4))
+                r_d = wait_for(lambda: round_state(agent_d, 1), 60, "the odd member's round")
+                assert r_d["state"] == "failed" and "cohort press trains the side network" in r_d["detail"], r_d
+
+            # A member that joins later gets the current version as soon as it comes online.
+            registry.write_text(json.dumps({"devices": {a: "press", b: "press", late: "press"}}))
+            time.sleep(1.2)  # the workers re-read the registry within a second
+            with AgentThread(EdgeAgent(member(late, pl))) as agent_l:
+                wait_for(lambda: agent_l.adapter is not None and agent_l.adapter.version == 2, 20,
+                         "the late member to get v2")
+        # The cohort's secret never reached the server: not in any uplink, Redis value or log line.
+        with lock:
+            payloads = list(uplinks)
+        assert len(payloads) > 10
+        needles = [basis.astype("<f8").tobytes()[:32], basis.astype("<f4").tobytes()[:16],
+                   json.dumps(basis.tolist()[0])[:40].encode(), secret.read_bytes()[:60]]
+        with redis.Redis.from_url(redis_url) as r:
+            values = []
+            for k in r.scan_iter(count=1000):
+                t = r.type(k)
+                if t == b"string":
+                    values.append(r.get(k) or b"")
+                elif t == b"hash":
+                    values += list(r.hgetall(k).values())
+        text = "\n".join(rec.getMessage() for rec in caplog.records).encode()
+        for blob in [*payloads, *values, text]:
+            for needle in needles:
+                assert needle not in blob
+        assert not any(b'"basis"' in p for p in payloads)
+    finally:
+        worker.stop()
+        for d in (a, b, outsider, late, odd):
+            clear_device(mqtt_client, d)
