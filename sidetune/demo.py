@@ -68,13 +68,13 @@ def ensure_backbone(path: Path | None) -> Path:
     return target
 
 
-def _jsonl(path: Path, rows: list[Review]) -> None:
+def write_jsonl(path: Path, rows: list[Review]) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_text("".join(json.dumps(r.as_json()) + "\n" for r in rows))
     tmp.replace(path)  # the agent never sees a half-written file
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     f = open(log, "ab")
     return subprocess.Popen([sys.executable, "-m", "sidetune.cli", *args], stdout=f, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, start_new_session=True)
@@ -109,9 +109,9 @@ def run_demo(args: argparse.Namespace) -> int:
             f'broker_password = "{accounts[SERVER_USER]}"\nredis_url = "{cache.url}"\n'
             f'worker_id = "demo-worker-1"\ntorch_threads = 1\nshare_group = "w-{secrets.token_hex(16)}"\n'
             f'metrics_port = {metrics_port}\n')
-        procs.append(_spawn(["server", "--config", str(server_conf)], work / "server.log"))
+        procs.append(spawn(["server", "--config", str(server_conf)], work / "server.log"))
         dash_log = work / "dashboard.log"
-        procs.append(_spawn(["dashboard", "--config", str(server_conf), "--port", str(dash_port)], dash_log))
+        procs.append(spawn(["dashboard", "--config", str(server_conf), "--port", str(dash_port)], dash_log))
         print(f"[demo] dashboard: {_dashboard_url(dash_log, procs)}  (live, read-only)")
         print(f"[demo] worker metrics: http://127.0.0.1:{metrics_port}/metrics, /healthz")
         (work / "task.toml").write_text(TASK)
@@ -120,16 +120,16 @@ def run_demo(args: argparse.Namespace) -> int:
         for dev, (_, held) in zip(devices, data):
             state = work / dev
             (state / "inbox").mkdir(parents=True, exist_ok=True)
-            _jsonl(work / f"{dev}-holdout.jsonl", held)
+            write_jsonl(work / f"{dev}-holdout.jsonl", held)
             conf = work / f"{dev}.toml"
             conf.write_text(
                 f'device_id = "{dev}"\npassword = "{accounts[dev]}"\nbroker_port = {broker.port}\n'
                 f'state_dir = "{state}"\nbackbone_dir = "{backbone}"\ntask_file = "{work / "task.toml"}"\n'
                 f'holdout_file = "{work / f"{dev}-holdout.jsonl"}"\nthreads = {threads}\n'
                 f'min_new_samples = 1000000\nround_timeout = 900\n\n[hyper]\nepochs = {args.epochs}\n')
-            procs.append(_spawn(["edge", "run", "--config", str(conf)], work / f"{dev}.log"))
+            procs.append(spawn(["edge", "run", "--config", str(conf)], work / f"{dev}.log"))
             states[dev] = state
-        _wait_healthy(metrics_port, procs)  # a job sent before the worker subscribed would wait for round_timeout
+        wait_healthy(metrics_port, procs)  # a job sent before the worker subscribed would wait for round_timeout
         first = max(1, args.samples * 5 // 8)
         results: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
         for rnd, (lo, hi) in enumerate(((0, first), (first, args.samples)), start=1):
@@ -137,11 +137,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 continue
             print(f"[demo] round {rnd}: {hi - lo} fresh samples per device (each device holds {hi} by its end)")
             for dev, (train, _) in zip(devices, data):
-                _jsonl(states[dev] / "inbox" / f"round{rnd}.jsonl", train[lo:hi])
-            _wait_inbox(states, procs)
+                write_jsonl(states[dev] / "inbox" / f"round{rnd}.jsonl", train[lo:hi])
+            wait_inbox(states, procs)
             for dev in devices:
                 (states[dev] / "train.request").touch()
-            rows = _follow(states, rnd, procs)
+            rows = follow(states, rnd, procs)
             for dev in devices:
                 results[dev].append(rows[dev])
         _print_table(results)
@@ -182,7 +182,7 @@ def _keep_running(procs: list[subprocess.Popen[bytes]], server_conf: Path) -> No
           "Ctrl-C (or SIGTERM) stops it all", flush=True)
     try:
         while True:
-            _alive(procs)
+            alive(procs)
             time.sleep(1.0)
     except (KeyboardInterrupt, _Stop):
         print("[demo] stopping: agents, dashboard, worker, redis-server, mosquitto", flush=True)
@@ -190,14 +190,14 @@ def _keep_running(procs: list[subprocess.Popen[bytes]], server_conf: Path) -> No
         signal.signal(signal.SIGTERM, _terminate)
 
 
-def _wait_healthy(port: int, procs: list[subprocess.Popen[bytes]]) -> None:
+def wait_healthy(port: int, procs: list[subprocess.Popen[bytes]]) -> None:
     """Until the worker's /healthz says 200 (connected to the broker, subscribed, Redis answers)."""
     import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        _alive(procs)
+        alive(procs)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
                 if resp.status == 200:
@@ -212,7 +212,7 @@ def _dashboard_url(log: Path, procs: list[subprocess.Popen[bytes]]) -> str:
     """The URL the dashboard prints once it listens."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        _alive(procs)
+        alive(procs)
         for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
             if line.startswith("dashboard on "):
                 return line.split()[2]
@@ -220,29 +220,30 @@ def _dashboard_url(log: Path, procs: list[subprocess.Popen[bytes]]) -> str:
     raise SidetuneError(f"the dashboard did not start within 60 s; see {log}")
 
 
-def _alive(procs: list[subprocess.Popen[bytes]]) -> None:
+def alive(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is not None:
             raise SidetuneError(f"a child process ({p.args!s:.120}) exited with "
                               f"code {p.returncode}; see its log in the work folder")
 
 
-def _wait_inbox(states: dict[str, Path], procs: list[subprocess.Popen[bytes]]) -> None:
+def wait_inbox(states: dict[str, Path], procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        _alive(procs)
+        alive(procs)
         if all((s / "state.db").exists() and not list((s / "inbox").glob("*.jsonl")) for s in states.values()):
             return
         time.sleep(0.5)
     raise SidetuneError("the agents did not read their inbox within 5 minutes")
 
 
-def _follow(states: dict[str, Path], rnd: int, procs: list[subprocess.Popen[bytes]]) -> dict[str, dict[str, Any]]:
-    """Wait for every device's round ``rnd`` to end, printing progress."""
+def follow(states: dict[str, Path], rnd: int, procs: list[subprocess.Popen[bytes]],
+           tag: str = "demo") -> dict[str, dict[str, Any]]:
+    """Wait for every device's round ``rnd`` to end, printing progress (lines start ``[tag]``)."""
     start = time.monotonic()
     last_line = ""
     while time.monotonic() - start < ROUND_TIMEOUT:
-        _alive(procs)
+        alive(procs)
         rows: dict[str, dict[str, Any]] = {}
         parts = []
         for dev, state in states.items():
@@ -259,7 +260,7 @@ def _follow(states: dict[str, Path], rnd: int, procs: list[subprocess.Popen[byte
                 continue
             rows[dev] = row
             parts.append(f"{dev}: {row['state']} (up {row['bytes_up'] / 1e6:.1f} MB, outbox {out})")
-        line = f"[demo] round {rnd}, {time.monotonic() - start:5.0f} s: " + "; ".join(parts)
+        line = f"[{tag}] round {rnd}, {time.monotonic() - start:5.0f} s: " + "; ".join(parts)
         if line.split(": ", 1)[1] != last_line:
             print(line, flush=True)
             last_line = line.split(": ", 1)[1]

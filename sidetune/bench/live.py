@@ -77,7 +77,7 @@ def task_toml(task: TaskSpec) -> str:
 
 def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir: Path, *, epochs: int, threads: int,
                spec: SideNetSpec, ingest_samples: int, progress: Callable[[str], None]) -> dict[str, Any]:
-    from sidetune.demo import _follow, _jsonl, _spawn, _wait_healthy, _wait_inbox
+    from sidetune.demo import follow, spawn, wait_healthy, wait_inbox, write_jsonl
     from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port, stop_groups
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -92,8 +92,8 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
         conf.write_text(f'metrics_port = {metrics_port}\nbroker_port = {broker.port}\nbroker_username = "{SERVER_USER}"\n'
                         f'broker_password = "{accounts[SERVER_USER]}"\nredis_url = "{cache.url}"\n'
                         f'worker_id = "bench-worker-1"\ntorch_threads = 1\nshare_group = "w-{secrets.token_hex(16)}"\n')
-        procs.append(_spawn(["server", "--config", str(conf)], workdir / "server.log"))
-        _wait_healthy(metrics_port, procs)  # a job sent before the worker subscribed would wait for round_timeout
+        procs.append(spawn(["server", "--config", str(conf)], workdir / "server.log"))
+        wait_healthy(metrics_port, procs)  # a job sent before the worker subscribed would wait for round_timeout
         state = workdir / BOARD
         (state / "inbox").mkdir(parents=True, exist_ok=True)
         (workdir / "task.toml").write_text(task_toml(task))
@@ -103,12 +103,12 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
             f'state_dir = "{state}"\nbackbone_dir = "{backbone_dir}"\ntask_file = "{workdir / "task.toml"}"\n'
             f'threads = {threads}\nmin_new_samples = 1000000\nround_timeout = 900\nlabel_epsilon = inf\n'
             f'out_dim = {spec.out_dim}\nbottleneck = {spec.bottleneck}\n\n[hyper]\nepochs = {epochs}\n')
-        agent = _spawn(["edge", "run", "--config", str(board_conf)], workdir / f"{BOARD}.log")
+        agent = spawn(["edge", "run", "--config", str(board_conf)], workdir / f"{BOARD}.log")
         procs.append(agent)
-        _jsonl(state / "inbox" / "round1.jsonl", train)
-        _wait_inbox({BOARD: state}, procs)
+        write_jsonl(state / "inbox" / "round1.jsonl", train)
+        wait_inbox({BOARD: state}, procs)
         (state / "train.request").touch()
-        row = _follow({BOARD: state}, 1, procs)[BOARD]
+        row = follow({BOARD: state}, 1, procs)[BOARD]
         led = Ledger(state / "state.db")
         try:
             full = next(r for r in led.rounds() if r["round"] == 1)
