@@ -222,12 +222,19 @@ def single_token_id(backbone: Any, word: str) -> int | None:
 
 
 def _alternatives(backbone: Any, word: str, taken: set[int]) -> list[str]:
-    """Spellings near ``word`` that are one known token not taken by another class."""
+    """Spellings near ``word`` that are one known token not taken by another class: its case, its
+    words, its first piece when that is most of it (" HuffPost" -> " Huff"); with a leading space
+    when ``word`` has one."""
     stem = word.strip()
     forms = [stem, stem.lower(), stem.capitalize(), *stem.split()]
+    ids = _encode(backbone, word).ids
+    if len(ids) > 1:
+        first = backbone.tokenizer.decode([ids[0]]).strip()
+        if len(first) >= max(3, len(stem.split()[0]) / 2):
+            forms.append(first)
     seen: dict[int, str] = {}  # one spelling per token
     for form in forms:
-        for cand in (" " + form, form):
+        for cand in (" " + form,) if word.startswith(" ") else (" " + form, form):
             tid = single_token_id(backbone, cand) if cand != word and cand.strip() else None
             if tid is not None and tid not in taken and tid not in seen:
                 seen[tid] = cand
@@ -247,7 +254,8 @@ def verbalizer_problems(task: TaskSpec, backbone: Any) -> list[str]:
         if len(enc.ids) == 1 and enc.ids[0] == unk:
             what = f"is unknown to the backbone's tokenizer (maps to {enc.tokens[0]!r})"
         else:
-            what = (f"is not a single token for this backbone: it splits into {list(enc.tokens)} "
+            pieces = [backbone.tokenizer.decode([i]) for i in enc.ids]  # " Huff", not "ĠHuff"
+            what = (f"is not a single token for this backbone: it splits into {pieces} "
                     f"{list(enc.ids)}")
         alts = _alternatives(backbone, word, {i for i in ids if i is not None})
         fix = (f"use {' or '.join(repr(a) for a in alts)}" if alts else

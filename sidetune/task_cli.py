@@ -114,9 +114,14 @@ def fit_lines(task: TaskSpec, bb: BackboneTokenizer, path: Path, max_length: int
     fit = measure_fit(bb, task, [t for t, _ in parsed.good], max_length)
     if fit.cut:
         kept = "LAST" if bb.manifest.pivot == "last" else "FIRST"
+        room = (
+            f"max_length {max_length}"
+            if fit.budget == max_length
+            else f"the {fit.budget} tokens max_length {max_length} leaves"
+        )
         out.append(
-            f"  {fit.cut} of {fit.texts} prompted texts are longer than the {fit.budget} tokens "
-            f"max_length {max_length} leaves (the longest: {fit.longest}): the agent keeps their "
+            f"  {fit.cut} of {fit.texts} prompted texts are longer than {room} "
+            f"(the longest: {fit.longest}): the agent keeps their "
             f"{kept} {fit.budget} tokens (raise max_length in edge.toml to keep more, at the cost "
             "of slower forward passes)"
         )
