@@ -40,7 +40,10 @@ def test_shards_are_disjoint_sized_and_share_one_holdout():
     # label-skewed shards are far more skewed than IID ones
     assert _skew(out["dirichlet"].histogram()) > 0.25 > 0.12 > _skew(out["iid"].histogram())
     summary = out["dirichlet"].summary()
-    assert summary["per_board"] == [150] * 4 and summary["histogram"] == out["dirichlet"].histogram().tolist()
+    assert (
+        summary["per_board"] == [150] * 4
+        and summary["histogram"] == out["dirichlet"].histogram().tolist()
+    )
 
 
 def test_shards_are_seeded():
@@ -63,7 +66,9 @@ def test_a_class_that_runs_out_gives_its_draws_to_the_others():
 
 def test_what_cannot_be_drawn_is_a_usage_error():
     rows = _rows(300)
-    with pytest.raises(UsageError, match=r"8 boards × 250 samples \+ 400 held-out = 2400 is more than the 300"):
+    with pytest.raises(
+        UsageError, match=r"8 boards × 250 samples \+ 400 held-out = 2400 is more than the 300"
+    ):
         make_shards(rows, CLASSES)
     with pytest.raises(UsageError, match="must each be at least 1"):
         make_shards(rows, CLASSES, boards=0)

@@ -99,6 +99,11 @@ def main(argv: list[str]) -> int:
         from sidetune.bench.lora import lora_child
 
         result = lora_child(config)
+    elif kind.startswith("sidetune.bench.") and ":" in kind:  # MODULE:FUNCTION (bench cohort's children)
+        import importlib
+
+        module, func = kind.split(":", 1)
+        result = getattr(importlib.import_module(module), func)(config)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
     print(json.dumps(result), flush=True)

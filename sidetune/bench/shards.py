@@ -52,13 +52,26 @@ class Shards:
         return tuple(r for rows in self.boards for r in rows)
 
     def summary(self) -> dict[str, object]:
-        return {"kind": self.kind, "boards": len(self.boards), "per_board": [len(b) for b in self.boards],
-                "holdout": len(self.holdout), "alpha": self.alpha, "seed": self.seed,
-                "classes": list(self.classes), "histogram": self.histogram().tolist()}
+        return {
+            "kind": self.kind,
+            "boards": len(self.boards),
+            "per_board": [len(b) for b in self.boards],
+            "holdout": len(self.holdout),
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "classes": list(self.classes),
+            "histogram": self.histogram().tolist(),
+        }
 
 
-def _dirichlet(pool: list[Review], classes: Sequence[str], boards: int, per_board: int, alpha: float,
-               rng: np.random.Generator) -> list[list[Review]]:
+def _dirichlet(
+    pool: list[Review],
+    classes: Sequence[str],
+    boards: int,
+    per_board: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> list[list[Review]]:
     by_class: list[list[Review]] = [[r for r in pool if r.label == c] for c in classes]
     out = []
     for _ in range(boards):
@@ -86,13 +99,22 @@ def _dirichlet(pool: list[Review], classes: Sequence[str], boards: int, per_boar
     return out
 
 
-def make_shards(rows: Sequence[Review], classes: Sequence[str], *, boards: int = DEFAULT_BOARDS,
-                per_board: int = DEFAULT_PER_BOARD, holdout: int = DEFAULT_HOLDOUT,
-                alpha: float = DEFAULT_ALPHA, seed: int = 0) -> dict[str, Shards]:
+def make_shards(
+    rows: Sequence[Review],
+    classes: Sequence[str],
+    *,
+    boards: int = DEFAULT_BOARDS,
+    per_board: int = DEFAULT_PER_BOARD,
+    holdout: int = DEFAULT_HOLDOUT,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+) -> dict[str, Shards]:
     """``{"iid": Shards, "dirichlet": Shards}`` of ``rows``, both with the same held-out rows."""
     if boards < 1 or per_board < 1 or holdout < 1:
-        raise UsageError(f"boards ({boards}), samples per board ({per_board}) and held-out samples "
-                         f"({holdout}) must each be at least 1")
+        raise UsageError(
+            f"boards ({boards}), samples per board ({per_board}) and held-out samples "
+            f"({holdout}) must each be at least 1"
+        )
     if not alpha > 0:
         raise UsageError(f"the Dirichlet concentration must be positive, not {alpha}")
     classes = tuple(classes)
@@ -101,23 +123,40 @@ def make_shards(rows: Sequence[Review], classes: Sequence[str], *, boards: int =
         raise UsageError(f"rows with labels outside the task's classes: {', '.join(unknown[:5])}")
     need = boards * per_board + holdout
     if need > len(rows):
-        raise UsageError(f"{boards} boards × {per_board} samples + {holdout} held-out = {need} is more "
-                         f"than the {len(rows)} samples of the data set")
+        raise UsageError(
+            f"{boards} boards × {per_board} samples + {holdout} held-out = {need} is more "
+            f"than the {len(rows)} samples of the data set"
+        )
     rng = np.random.default_rng([seed, 20])
     perm = rng.permutation(len(rows))
     held = tuple(rows[i] for i in perm[:holdout])
     pool = [rows[i] for i in perm[holdout:]]
     iid = [tuple(pool[b * per_board : (b + 1) * per_board]) for b in range(boards)]
     skew = _dirichlet(pool, classes, boards, per_board, alpha, np.random.default_rng([seed, 21]))
-    return {"iid": Shards("iid", tuple(iid), held, classes, None, seed),
-            "dirichlet": Shards("dirichlet", tuple(tuple(b) for b in skew), held, classes, alpha, seed)}
+    return {
+        "iid": Shards("iid", tuple(iid), held, classes, None, seed),
+        "dirichlet": Shards("dirichlet", tuple(tuple(b) for b in skew), held, classes, alpha, seed),
+    }
 
 
-def news_shards(*, boards: int = DEFAULT_BOARDS, per_board: int = DEFAULT_PER_BOARD,
-                holdout: int = DEFAULT_HOLDOUT, alpha: float = DEFAULT_ALPHA, seed: int = 0) -> dict[str, Shards]:
+def news_shards(
+    *,
+    boards: int = DEFAULT_BOARDS,
+    per_board: int = DEFAULT_PER_BOARD,
+    holdout: int = DEFAULT_HOLDOUT,
+    alpha: float = DEFAULT_ALPHA,
+    seed: int = 0,
+) -> dict[str, Shards]:
     """The news task's shards (the rows and classes ``sidetune bench compare --task news`` uses)."""
     from sidetune.bench.compare import task_data
 
     _, task, rows = task_data("news")
-    return make_shards(rows, task.classes, boards=boards, per_board=per_board, holdout=holdout,
-                       alpha=alpha, seed=seed)
+    return make_shards(
+        rows,
+        task.classes,
+        boards=boards,
+        per_board=per_board,
+        holdout=holdout,
+        alpha=alpha,
+        seed=seed,
+    )
