@@ -66,8 +66,10 @@ class EdgeSettings(FileThenEnv):
     cohort: str | None = None
     cohort_secret_file: Path | None = None
     #: How a cohort member pools: ``"activations"`` (the server trains on the members' cached pivot
-    #: states and label-DP targets, as a lone board's do).
-    pool: Literal["activations"] = "activations"
+    #: states and label-DP targets, as a lone board's do) or ``"weights"`` (federated: the board trains
+    #: the cohort's network on its own states and clean labels and sends only the change of its
+    #: weights; the server averages the members' changes; nothing per sample leaves the board).
+    pool: Literal["activations", "weights"] = "activations"
     hyper: HyperParams = HyperParams()
     #: Optional held-out JSONL ({"text", "label"}) to evaluate each new adapter on.
     holdout_file: Path | None = None

@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_agent.config import EdgeSettings
 from edge_agent.evaluate import Holdout, load_holdout
-from edge_agent.ledger import Ledger
+from edge_agent.ledger import Ledger, Sample
 from edge_agent.model import LocalModel
 from edge_agent.upload import activation_messages
 from schemas import sidenet
@@ -40,7 +40,8 @@ from schemas.schedule import EpochReport
 from schemas.status import Rejection
 from schemas.tensors import WireTensor
 from schemas.topics import topic
-from schemas.weights import encode_weights
+from schemas.updates import WeightUpdate
+from schemas.weights import decode_weights, encode_weights
 from schemas.wire import decode, encode
 
 log = logging.getLogger("sidetune.edge")
@@ -58,11 +59,15 @@ Send = Callable[[list[tuple[str, bytes, bool]], "int | None"], None]
 @dataclass
 class Round:
     number: int
-    job: Job
+    job: Job | WeightUpdate  # what the round sent: a job, or a federated member's update
     started: float
     last_heard: float
     uploaded: dict[str, float] = field(default_factory=dict)  # key -> when queued
     training: bool = False
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.job.keys) if isinstance(self.job, Job) else []
 
 
 class Rounds:
@@ -106,6 +111,8 @@ class Rounds:
             self.forward_rate = passes / max(time.time() - t0, 1e-6)
         if self.s.train_on == "board":
             return self._train_on_board(t0, passes, time.process_time() - cpu0)
+        if self.s.cohort is not None and self.s.pool == "weights":
+            return self._federated(t0, passes, time.process_time() - cpu0)
         rng = np.random.default_rng(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
         # Label-DP: each sample's reported label is drawn once (ledger) and the same one is sent in every round.
         drawn = self.ledger.draw_sent_labels(self.model.task.num_classes, self.s.label_epsilon, rng)
@@ -137,9 +144,51 @@ class Rounds:
     def _train_on_board(self, t0: float, passes: int, forward_cpu: float) -> int | None:
         """Train on the board's own cached states (nothing is sent) and install the result."""
         everything = self.ledger.samples("prior IS NOT NULL")
-        n_new = self.ledger.count_new()
-        rnd = self.ledger.new_round("board", len(everything), n_new)
+        rnd = self.ledger.new_round("board", len(everything), self.ledger.count_new())
         self.ledger.update_round(rnd, job_id=f"board-r{rnd}", state="training", forward_passes=passes, started=t0)
+        got = self._local_training(rnd, everything, forward_cpu)
+        if got is None:
+            return None
+        weights, metrics, _ = got
+        update = AdapterUpdate(device_id=self.s.device_id, job_id=f"board-r{rnd}", version=self.model.adapter_version + 1,
+                               base_version=self.model.adapter_version, backbone_fingerprint=self.model.backbone.fingerprint,
+                               spec=self.model.spec, weights=weights, metrics=metrics)
+        self._install(rnd, [s.key for s in everything], update, t0, keep_states=True)
+        return rnd
+
+    def _federated(self, t0: float, passes: int, forward_cpu: float) -> int | None:
+        """A federated cohort member: train the cohort's network on the board (clean labels, nothing
+        per sample leaves it) and send only the change of its weights; the cohort's average comes
+        back as the next adapter (edge_agent's usual install)."""
+        everything = self.ledger.samples("prior IS NOT NULL")
+        rnd = self.ledger.new_round("federated", len(everything), self.ledger.count_new())
+        job_id = f"fed-r{rnd}-{uuid.uuid4().hex[:8]}"
+        self.ledger.update_round(rnd, job_id=job_id, state="training", forward_passes=passes, started=t0)
+        got = self._local_training(rnd, everything, forward_cpu)
+        if got is None:
+            return None
+        weights, metrics, base = got
+        trained = decode_weights(weights, self.model.spec)
+        delta = encode_weights({k: trained[k] - base[k] for k in trained}, self.model.spec)
+        assert self.s.cohort is not None
+        update = WeightUpdate(device_id=self.s.device_id, job_id=job_id, cohort=self.s.cohort,
+                              backbone_fingerprint=self.model.backbone.fingerprint, spec=self.model.spec,
+                              base_version=self.model.adapter_version, init_seed=self.s.hyper.seed,
+                              samples=len(everything), delta=delta)
+        t, payload = encode(update)
+        self.ledger.update_round(rnd, state="sent", job_payload=payload)
+        self.send([(t, payload, False)], rnd)
+        self.current = Round(rnd, update, t0, time.time())
+        self.ledger.set_meta("activity", f"round {rnd}: update sent, waiting for the cohort's average")
+        log.info("round %d: update %s sent to cohort %s (%d samples, %.1f KB, from v%d; board training %.2f CPU-s)",
+                 rnd, job_id, self.s.cohort, len(everything), len(payload) / 1024, self.model.adapter_version,
+                 metrics["board_train_cpu_s"])
+        return rnd
+
+    def _local_training(self, rnd: int, everything: list[Sample],
+                        forward_cpu: float) -> tuple[bytes, dict[str, float], dict[str, np.ndarray]] | None:
+        """Train the side network on the board's own cached states from the true labels, starting
+        from the installed adapter: (weights, metrics, the weights it started from), None if stopped."""
         self.ledger.set_meta("activity", f"round {rnd}: training on the board")
         spec, taps = self.model.spec, list(self.model.spec.taps)
         cpu0 = time.process_time()
@@ -162,7 +211,9 @@ class Rounds:
         prior = np.stack([s.prior for s in everything if s.prior is not None])
         self.model.fit_calibration(prior)
         targets = self.model.secret.targets(labels, self.model.calibrated(prior), 0.0, np.random.default_rng(0))
-        init = encode_weights(self.model.adapter.forward.w, spec) if self.model.adapter is not None else None
+        base = self.model.adapter.forward.w if self.model.adapter is not None else sidenet.init_weights(
+            spec, self.s.hyper.seed)
+        init = encode_weights(base, spec)
 
         def on_epoch(rep: EpochReport) -> bool:
             self.pet()
@@ -180,13 +231,9 @@ class Rounds:
         vals = [r.val_loss for r in reports if r.val_loss is not None]
         if vals:
             metrics["val_loss"] = min(vals)
-        update = AdapterUpdate(device_id=self.s.device_id, job_id=f"board-r{rnd}", version=self.model.adapter_version + 1,
-                               base_version=self.model.adapter_version, backbone_fingerprint=self.model.backbone.fingerprint,
-                               spec=spec, weights=weights, metrics=metrics)
         log.info("round %d: trained on the board in %.2f CPU-s (forward passes %.2f CPU-s), %d samples", rnd, train_cpu,
                  forward_cpu, len(everything))
-        self._install(rnd, [s.key for s in everything], update, t0, keep_states=True)
-        return rnd
+        return weights, metrics, base
 
     def resume(self) -> None:
         row = self.ledger.open_round()
@@ -195,8 +242,9 @@ class Rounds:
         if row["state"] == "preparing" or not row.get("job_payload"):
             self.ledger.update_round(int(row["round"]), state="failed", detail="agent stopped before the job was sent")
             return
-        job = decode(topic(self.s.device_id, "jobs"), row["job_payload"])
-        assert isinstance(job, Job)
+        kind = "updates" if str(row["job_id"]).startswith("fed-") else "jobs"
+        job = decode(topic(self.s.device_id, kind), row["job_payload"])
+        assert isinstance(job, (Job, WeightUpdate))
         self.current = Round(int(row["round"]), job, float(row["started"] or time.time()), time.time())
         log.info("resuming round %d (job %s); asking the server where it stands", self.current.number, job.job_id)
         self.resend_job()
@@ -272,7 +320,11 @@ class Rounds:
         log.info("round %d: uploading %d activations in %d messages", r.number, len(up.keys), len(up.messages))
 
     def _finish(self, r: Round, update: AdapterUpdate) -> None:
-        self._install(r.number, list(r.job.keys), update, r.started)
+        if isinstance(r.job, WeightUpdate):  # the cohort's average: the board trains on these states again
+            keys = [s.key for s in self.ledger.samples("prior IS NOT NULL AND round IS NULL")]
+            self._install(r.number, keys, update, r.started, keep_states=True)
+        else:
+            self._install(r.number, r.keys, update, r.started)
 
     def _install(self, rnd: int, keys: list[str], update: AdapterUpdate, started: float, *,
                  keep_states: bool = False) -> None:

@@ -15,6 +15,7 @@ from schemas.spec import HyperParams, SideNetSpec
 from schemas.status import DeviceStatus, Rejection
 from schemas.tensors import WireTensor
 from schemas.topics import KINDS, Topic, subscription, topic
+from schemas.updates import WeightUpdate
 from schemas.weights import WeightsError, decode_weights, encode_weights, expected_shapes
 from schemas.wire import MESSAGE_TYPES, decode, encode
 
@@ -22,7 +23,7 @@ __all__ = [
     "KINDS", "MESSAGE_TYPES", "SCHEMA_VERSION",
     "ActivationBatch", "AdapterUpdate", "CacheReport", "DeviceStatus", "HyperParams", "Job",
     "Message", "Progress", "Rejection", "SideNetSpec", "SidetuneError", "SpecMismatch", "Topic",
-    "WeightsError", "WireError", "WireTensor",
+    "WeightUpdate", "WeightsError", "WireError", "WireTensor",
     "decode", "decode_weights", "encode", "encode_weights", "expected_shapes", "new_msg_id",
     "subscription", "topic",
 ]

@@ -10,11 +10,11 @@ from schemas.errors import WireError
 
 PREFIX = "sidetune/v1"
 
-Kind = Literal["jobs", "cache", "activations", "progress", "adapter", "errors", "status"]
+Kind = Literal["jobs", "cache", "activations", "progress", "adapter", "errors", "status", "updates"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 #: Messages a device publishes (the server reads these from every device).
-UPLINK_KINDS: tuple[str, ...] = ("jobs", "activations", "status")
+UPLINK_KINDS: tuple[str, ...] = ("jobs", "activations", "status", "updates")
 #: Messages the server publishes to one device.
 DOWNLINK_KINDS: tuple[str, ...] = ("cache", "progress", "adapter", "errors")
 

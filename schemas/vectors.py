@@ -22,6 +22,7 @@ from schemas.progress import Progress
 from schemas.spec import HyperParams, SideNetSpec
 from schemas.status import DeviceStatus, Rejection, RoundSummary
 from schemas.tensors import WireTensor
+from schemas.updates import WeightUpdate
 from schemas.weights import encode_weights, expected_shapes
 from schemas.wire import encode
 
@@ -69,6 +70,8 @@ def example_messages() -> dict[str, Message]:
                                last_round=RoundSummary(round=1, samples=4, forward_passes=4, bytes_up=1234,
                                                        bytes_down=567, seconds=2.5, holdout_accuracy=0.75,
                                                        adapter_version=1, finished_at=1763999999.0)),
+        "updates": WeightUpdate(**_common(8), job_id="fed-r1-1", cohort="press-line", backbone_fingerprint=FINGERPRINT,
+                                spec=SPEC, base_version=1, samples=4, delta=encode_weights(weights, SPEC)),
     }
 
 

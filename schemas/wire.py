@@ -31,13 +31,15 @@ from schemas.progress import Progress
 from schemas.status import DeviceStatus, Rejection
 from schemas.tensors import WireTensor
 from schemas.topics import Topic
+from schemas.updates import WeightUpdate
 
 MAGIC = b"STW1"
 _MSG_ID = re.compile(r"[0-9a-f]{8,64}")
 _PREFIX = struct.Struct("<4sI")
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Job, CacheReport, ActivationBatch, Progress, AdapterUpdate, Rejection, DeviceStatus)
+    cls.KIND: cls for cls in (Job, CacheReport, ActivationBatch, Progress, AdapterUpdate, Rejection, DeviceStatus,
+                              WeightUpdate)
 }
 
 

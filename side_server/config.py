@@ -109,6 +109,14 @@ class ServerSettings(FileThenEnv):
     #: Samples one cohort training run holds at most (split evenly between the members; each keeps
     #: its newest). Bounds the run's memory like a job's ``quotas.samples_per_job``.
     cohort_max_samples: int = Field(default=20_000, ge=1)
+    #: A federated cohort (members with ``pool = "weights"``) averages its members' updates once every
+    #: member has sent one, or this many seconds after the first one waiting, whichever comes first.
+    federated_wait: float = Field(default=300.0, gt=0)
+    #: User-level DP of a federated cohort's averages: each member's update is clipped to this L2
+    #: norm and Gaussian noise of ``federated_noise`` × clip × (the largest share) is added to the
+    #: average (0: off; both must be set). The adapter's metrics report the ε it implies (δ = 1e-5).
+    federated_clip: float = Field(default=0.0, ge=0.0)
+    federated_noise: float = Field(default=0.0, ge=0.0)
     torch_threads: int = Field(default=1, ge=1)
     log_level: str = "INFO"
     #: ``text`` (journald-friendly lines) or ``json`` (one object per line: time, level, logger,

@@ -30,10 +30,12 @@ from schemas.spec import SideNetSpec
 from schemas.status import DeviceStatus, Rejection
 from schemas.topics import UPLINK_KINDS, Topic, subscription
 from schemas.transport import BrokerAddress, Incoming, Transport, TransportError
+from schemas.updates import WeightUpdate
 from schemas.wire import decode, encode
 from side_server.cache import ActivationCache, CacheFull
 from side_server.cohorts import CohortRegistry, CohortStore
 from side_server.config import ServerSettings
+from side_server.federated import Federation
 from side_server.fleet import FleetLog
 from side_server.inbox import FairInbox
 from side_server.metrics import MetricsServer, WorkerMetrics
@@ -80,6 +82,9 @@ class Worker:
         self.pool = Pool(self.store, self.cache, CohortStore(self.r, settings.adapters_kept), self.cohorts,
                          worker_id=settings.worker_id, lease_seconds=settings.lease_seconds,
                          max_share=settings.cohort_max_share, max_samples=settings.cohort_max_samples)
+        self.federation = Federation(self.r, self.cohorts, self.pool.cohorts, self._send, worker_id=settings.worker_id,
+                                     max_share=settings.cohort_max_share, wait=settings.federated_wait,
+                                     clip=settings.federated_clip, noise_multiplier=settings.federated_noise)
         self.stats = Stats()
         self.metrics = WorkerMetrics()  # served on metrics_port by start() (side_server/metrics.py)
         self.fleet = FleetLog(self.r)  # what `sidetune fleet` and the dashboard show (side_server/fleet.py)
@@ -95,7 +100,8 @@ class Worker:
             subscriptions=tuple(subscription(k, share_group=settings.share_group) for k in UPLINK_KINDS),
             # A device can leave a retained message on its jobs or activations topic (mosquitto
             # 2.0.11 cannot refuse it): never replay those to a (re)subscribing worker.
-            no_retained=tuple(subscription(k, share_group=settings.share_group) for k in ("jobs", "activations")),
+            no_retained=tuple(subscription(k, share_group=settings.share_group)
+                              for k in ("jobs", "activations", "updates")),
             # A session resumed from before the share group became a secret still holds the old,
             # guessable group: leave it (it would get duplicates and keep the group joinable).
             drop_subscriptions=() if settings.share_group == LEGACY_GROUP else
@@ -215,7 +221,7 @@ class Worker:
                 return
             msg = decode(item.topic, item.payload)
             if item.retain and not isinstance(msg, DeviceStatus):
-                raise Rejected("invalid", "a retained job or activations message is ignored: publish it live")
+                raise Rejected("invalid", "a retained job, activations or update message is ignored: publish it live")
             if time.time() - msg.sent_at > self.s.max_message_age:
                 raise Rejected("replayed", f"message sent {time.time() - msg.sent_at:.0f} s ago, older than "
                                            f"{self.s.max_message_age:.0f} s: a replay")
@@ -225,6 +231,8 @@ class Worker:
                 self.on_activations(msg)
             elif isinstance(msg, DeviceStatus):
                 self.on_status(msg)
+            elif isinstance(msg, WeightUpdate):
+                self.federation.on_update(msg)
             else:
                 raise Rejected("invalid", f"a {msg.KIND} message is not for the server")
         except WireError as e:
@@ -433,6 +441,7 @@ class Worker:
                 if time.monotonic() >= self._next_reap:
                     self._next_reap = time.monotonic() + min(60.0, self.s.abandoned_after / 4)
                     self.reap()
+                self.federation.due()
                 picked = self._pick()
                 outage.over()
                 if picked is None:

@@ -211,3 +211,93 @@ def test_members_train_one_adapter_on_both_boards_samples(tmp_path, tiny_backbon
         worker.stop()
         for d in (a, b, outsider, late, odd):
             clear_device(mqtt_client, d)
+
+
+def test_the_federated_average_is_fedavg_with_capped_shares_clipping_and_noise():
+    from side_server.federated import average, epsilon
+
+    cur = {"w": np.zeros(4, np.float32)}
+    d1, d2 = {"w": np.array([1.0, 0, 0, 0])}, {"w": np.array([0, 3.0, 0, 0])}
+    np.testing.assert_allclose(average(cur, [d1, d2], [100, 300], max_share=1.0)["w"], [0.25, 2.25, 0, 0])
+    np.testing.assert_allclose(average(cur, [d1, d2], [100, 300], max_share=0.0)["w"], [0.5, 1.5, 0, 0])
+    # clipped to norm 1: the second member's change shrinks to a third
+    np.testing.assert_allclose(average(cur, [d1, d2], [1, 1], max_share=0.0, clip=1.0)["w"], [0.5, 0.5, 0, 0])
+    noisy = average(cur, [d1, d2], [1, 1], max_share=0.0, clip=1.0, noise_multiplier=1.0,
+                    rng=np.random.default_rng(0))["w"]
+    assert not np.allclose(noisy, [0.5, 0.5, 0, 0])
+    assert epsilon(0.0, 3) == float("inf") and epsilon(2.0, 1) < epsilon(2.0, 10) < epsilon(1.0, 10)
+
+
+@pytest.mark.integration
+def test_federated_members_send_only_weight_changes_and_get_their_average(tmp_path, tiny_backbone, mosquitto,
+                                                                          redis_url, broker_accounts,
+                                                                          device_accounts, mqtt_client):
+    from edge_agent.agent import EdgeAgent
+    from schemas import decode, decode_weights
+    from schemas.sidenet import init_weights
+    from schemas.updates import WeightUpdate
+    from sidetune.services import SERVER_USER
+    from tests.loop_helpers import (
+        AgentThread,
+        clear_device,
+        edge_settings,
+        make_samples,
+        request_round,
+        round_state,
+        server_settings,
+        start_worker,
+        wait_for,
+        write_jsonl,
+    )
+
+    (a, pa), (b, pb) = device_accounts(2)
+    registry = tmp_path / "cohorts.json"
+    registry.write_text(json.dumps({"devices": {a: "line", b: "line"}}))
+    secret = tmp_path / "cohort.json"
+    secret.write_text(cohort_secret_json("line", 4))
+    uplinks: list[tuple[str, bytes]] = []
+    lock = threading.Lock()
+    spy = mqtt_client(SERVER_USER)
+    subscribed = threading.Event()
+    spy.on_message = lambda c, u, m: (lock.acquire(), uplinks.append((m.topic, m.payload)), lock.release())
+    spy.on_subscribe = lambda *_: subscribed.set()
+    spy.subscribe([(f"sidetune/v1/{d}/+", 1) for d in (a, b)])
+    assert subscribed.wait(5)
+    holdout = write_jsonl(tmp_path / "holdout.jsonl", make_samples(200, seed=99))
+
+    def member(device: str, password: str):
+        return edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, holdout_file=holdout,
+                             cohort="line", cohort_secret_file=secret, pool="weights")
+
+    worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER],
+                                          cohorts_file=registry))
+    try:
+        with AgentThread(EdgeAgent(member(a, pa))) as agent_a, AgentThread(EdgeAgent(member(b, pb))) as agent_b:
+            request_round(agent_a, make_samples(150, seed=1))
+            wait_for(lambda: any(r["state"] == "sent" for r in agent_a.ledger.rounds()), 60, "a's update")
+            request_round(agent_b, make_samples(150, seed=2))
+            r_a = wait_for(lambda: round_state(agent_a, 1), 60, "a's round")
+            r_b = wait_for(lambda: round_state(agent_b, 1), 60, "b's round")
+            assert r_a["state"] == r_b["state"] == "done", (r_a, r_b)
+            assert agent_a.adapter.version == agent_b.adapter.version == 1
+            assert agent_a.adapter.metrics["cohort_members"] == 2 and agent_a.adapter.metrics["samples"] == 300
+            for k, v in agent_a.adapter.forward.w.items():
+                np.testing.assert_array_equal(agent_b.adapter.forward.w[k], v)
+            assert r_a["tuned_accuracy"] > r_a["zero_shot_accuracy"] + 0.1, r_a
+            spec = agent_a.spec
+        with lock:
+            got = list(uplinks)
+        kinds = {t.rsplit("/", 1)[1] for t, p in got if p}
+        assert kinds == {"updates", "status"}, kinds  # no job, no target, no activation left either board
+        updates = [decode(t, p) for t, p in got if t.endswith("/updates")]
+        assert len({u.device_id for u in updates}) == 2 and all(isinstance(u, WeightUpdate) for u in updates)
+        # v1 is the fresh network (seeded by the boards' hyper.seed, 0) plus the mean of the two changes
+        base = init_weights(spec, 0)
+        deltas = {u.device_id: decode_weights(u.delta, spec) for u in updates}
+        for k, v in agent_a.adapter.forward.w.items():
+            want = base[k] + 0.5 * (deltas[a][k] + deltas[b][k])
+            np.testing.assert_allclose(v, want, rtol=1e-5, atol=1e-6, err_msg=k)
+    finally:
+        worker.stop()
+        for d in (a, b):
+            clear_device(mqtt_client, d)

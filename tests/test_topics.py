@@ -16,7 +16,7 @@ device_ids = st.from_regex(DEVICE_ID_PATTERN, fullmatch=True)
 
 
 def test_kinds_are_the_protocol_table():
-    assert set(KINDS) == {"jobs", "cache", "activations", "progress", "adapter", "errors", "status"}
+    assert set(KINDS) == {"jobs", "cache", "activations", "progress", "adapter", "errors", "status", "updates"}
     assert set(UPLINK_KINDS) | set(DOWNLINK_KINDS) == set(KINDS)
     assert not set(UPLINK_KINDS) & set(DOWNLINK_KINDS)
 
