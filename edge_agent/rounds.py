@@ -268,7 +268,7 @@ class Rounds:
 
     def handle(self, msg: Message, nbytes: int) -> None:
         if isinstance(msg, AdapterUpdate) and (self.current is None or msg.job_id != self.current.job.job_id):
-            self._maybe_install_retained(msg)
+            self._maybe_install_retained(msg, nbytes)
             return
         r = self.current
         job_id = getattr(msg, "job_id", None)
@@ -361,7 +361,12 @@ class Rounds:
         self.ledger.set_meta("activity", "idle")
         self.current = None
 
-    def _maybe_install_retained(self, update: AdapterUpdate) -> None:
+    def _maybe_install_retained(self, update: AdapterUpdate, nbytes: int = 0) -> None:
+        """An adapter outside this board's round: published while it was away, or a newer version
+        its cohort trained (its bytes count in the ledger's ``bytes_between_rounds``)."""
+        if nbytes:
+            self.ledger.set_meta("bytes_between_rounds", str(int(self.ledger.get_meta("bytes_between_rounds") or 0)
+                                                             + nbytes))
         if update.version <= self.model.adapter_version:
             return
         if self.s.train_on == "board":  # it runs only what it trained itself

@@ -139,6 +139,8 @@ class Pool:
 
     def publish_targets(self, rec: JobRecord, tset: TrainingSet) -> dict[str, str]:
         """member -> the job id its copy of the run's adapter carries (its own job if the run
-        included it, so that its round finishes; else the trained job's)."""
+        included it, so that its round finishes; else the trained job's). A member whose own job
+        waits is skipped: the run of that job includes this one's samples and reaches it anyway."""
         own = dict(tset.jobs)
-        return {m: own.get(m, rec.job_id) for m in self.registry.members(rec.cohort)}
+        waiting = {d for d, _ in self.store.active()} - set(own)
+        return {m: own.get(m, rec.job_id) for m in self.registry.members(rec.cohort) if m not in waiting}

@@ -106,6 +106,31 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_cohort(args: argparse.Namespace) -> int:
+    import signal
+
+    from sidetune.bench.cohort import run_cohort
+    from sidetune.bench.shards import KINDS
+    from sidetune.demo import _terminate, default_backbone_dir, default_home
+
+    signal.signal(signal.SIGTERM, _terminate)  # `kill` stops the real round's services too
+    backbone = Path(args.backbone) if args.backbone else default_backbone_dir()
+    if not (backbone / "manifest.json").exists():
+        raise UsageError(f"{backbone} holds no exported backbone: run `sidetune demo` once, or "
+                         f"`sidetune export --model smollm2-135m --out {backbone}`")
+    kinds = args.shards or list(KINDS)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise UsageError(f"unknown --shards {bad[0]!r}: {', '.join(KINDS)}")
+    quick = args.quick
+    run_cohort(backbone, Path(args.out), boards=args.boards or (2 if quick else 8),
+               per_board=args.per_board or (40 if quick else 250), holdout=args.holdout or (60 if quick else 400),
+               alpha=args.alpha, kinds=kinds, epochs=args.epochs or (5 if quick else 20), quick=quick,
+               live=not args.no_round, baselines=not args.no_baselines, cache_dir=default_home() / "features",
+               progress=lambda m: print(f"[cohort] {m}", flush=True))
+    return EXIT_OK
+
+
 def cmd_bench_fleet(args: argparse.Namespace) -> int:
     from sidetune.bench.fleet import run_fleet_bench
 
@@ -166,6 +191,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--no-round", action="store_true", help="skip the real round (no time to adapter, no server rates)")
     bc.add_argument("--no-int8", action="store_true", help="skip the int8 graph")
     bc.set_defaults(func=cmd_bench_compare)
+    bh = bench.add_parser("cohort", help="fleet learning (pooled and federated cohorts) against each board alone, "
+                                         "on-device LoRA, Flower's federated LoRA and central LoRA")
+    bh.add_argument("--out", default="bench-cohort", help="folder for results.json, report.md and the plot")
+    bh.add_argument("--backbone", default=None, help="an exported fp32 backbone folder (the demo's by default)")
+    bh.add_argument("--boards", type=int, default=None, help="boards in the cohort (default 8; --quick 2)")
+    bh.add_argument("--per-board", type=int, default=None, help="training samples per board (default 250; --quick 40)")
+    bh.add_argument("--holdout", type=int, default=None, help="held-out samples every board is scored on (default 400)")
+    bh.add_argument("--alpha", type=float, default=0.5, help="Dirichlet α of the label-skewed shards (default 0.5)")
+    bh.add_argument("--shards", action="append", default=None, help="iid and/or dirichlet (default both)")
+    bh.add_argument("--epochs", type=int, default=None, help="side-network epochs (default 20; --quick 5)")
+    bh.add_argument("--quick", action="store_true", help="everything, small, in minutes")
+    bh.add_argument("--no-round", action="store_true", help="skip the real pooled round (agents + worker)")
+    bh.add_argument("--no-baselines", action="store_true", help="skip the LoRA and Flower rows")
+    bh.set_defaults(func=cmd_bench_cohort)
+
     bf = bench.add_parser("fleet", help="N simulated boards, each a full round, against W real workers, a real "
                                         "mosquitto and Redis (or a Redis Cluster): ingest, jobs, losses, memory")
     bf.add_argument("--boards", type=int, default=100, help="simulated boards, each with its own device account")
