@@ -23,7 +23,7 @@ from .errors import ExportError
 from .load import CAUSAL, LoadedModel, load_model
 from .locate import locate_model
 from .onnx_export import INPUT_NAMES, export_onnx, externalize_weights, verify_onnx
-from .quantize import check_quantize, quantize_int8
+from .quantize import calibration_sequences, check_quantize, quantize_graph
 
 # Review-like texts for the parity check (every tiny test vocabulary covers them).
 VERIFY_TEXTS = (
@@ -122,7 +122,7 @@ def export_backbone(
     """Export MODEL into out_dir; return the manifest (also written as manifest.json).
 
     MODEL: ``smollm2-135m``, a Hugging Face model directory, or a .gguf file.
-    quantize: None (fp32) or "int8" (ONNX Runtime dynamic quantization).
+    quantize: None (fp32) or one of QUANT_CHOICES (backbone_export/quantize.py GRAPHS).
     Raises ExportError with a clear message on any user-facing failure.
     """
     started = time.perf_counter()
@@ -176,19 +176,21 @@ def export_backbone(
         report = fp32_report
         final = fp32_path
         quant_settings = None
-        if q == "int8":
+        if q is not None:
             t = time.perf_counter()
-            progress("quantizing to int8 (dynamic, ONNX Runtime) ...")
-            final = tmp / "int8.onnx"
-            quant_settings = quantize_int8(fp32_path, final)
+            progress(f"quantizing to {q} (ONNX Runtime) ...")
+            final = tmp / f"{q}.onnx"
+            calib = calibration_sequences(
+                tmp / TOKENIZER_NAME, tok_info["prefix_ids"], tok_info["suffix_ids"])
+            quant_settings = quantize_graph(fp32_path, final, q, calibration=calib)
             progress(
                 f"quantized to {final.stat().st_size / 1e6:.1f} MB in {time.perf_counter() - t:.1f} s"
             )
-            progress("verifying the int8 graph against torch ...")
+            progress(f"verifying the {q} graph against torch ...")
             report = verify_onnx(final, loaded, seqs, tok_info["pad_token_id"])
             report["verify_fp32_rel_error"] = fp32_report["verify_rel_error"]
             progress(
-                f"int8 max relative error {report['verify_rel_error']:.2e}, "
+                f"{q} max relative error {report['verify_rel_error']:.2e}, "
                 f"min cosine {report['verify_cosine_min']:.4f}"
             )
             fp32_path.unlink()
