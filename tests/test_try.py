@@ -78,9 +78,9 @@ def test_try_tunes_a_board_and_leaves_a_folder_that_keeps_working(tmp_path, tiny
         text=True,
     )
     lines: list[str] = []
-    reader = threading.Thread(
-        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    )  # type: ignore[union-attr]
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: lines.extend(iter(stdout.readline, "")), daemon=True)
     reader.start()
     agent = None
     try:
