@@ -3,7 +3,7 @@
 ``GET /metrics``  the metrics below (``prometheus_client``'s exposition, in a registry of this
                   worker's own, so several workers can run in one process);
 ``GET /healthz``  200 ``{"status": "ok", ...}`` while the worker is connected to the broker, Redis
-                  answers and its threads are alive (:meth:`Worker.health`); else 503
+                  answers and its threads are alive (:meth:`side_server.worker.Worker.health`); else 503
                   ``{"status": "unhealthy", "reason": ...}``.
 
 Counted by this worker (labels in brackets):
@@ -22,7 +22,8 @@ Counted by this worker (labels in brackets):
 * ``sidetune_inbox_messages``: messages waiting in the worker's queue (the FairInbox)
 * ``sidetune_broker_connected``, ``sidetune_redis_up``: connection state (1/0)
 
-Read from Redis at each scrape (the same on every worker: aggregate with ``max``):
+Read from Redis at each scrape (and from the cohort registry: ``sidetune_cohort_members``
+[cohort], ``sidetune_cohort_adapter_version`` [cohort]) (the same on every worker: aggregate with ``max``):
 
 * ``sidetune_jobs`` [state]: jobs open by state (``waiting`` for uploads, ``ready`` for a worker,
   ``training``: leased)
@@ -35,9 +36,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import redis
 from prometheus_client import (
@@ -52,7 +53,29 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from side_server.worker import Worker
+    from side_server.cache import ActivationCache
+    from side_server.cohorts import CohortRegistry
+    from side_server.config import ServerSettings
+    from side_server.pooling import Pool
+    from side_server.store import JobStore
+
+
+class Source(Protocol):
+    """What the metrics server reads of a worker (side_server/worker.py gives all of it)."""
+
+    s: ServerSettings
+    r: Any
+    store: JobStore
+    cache: ActivationCache
+    cohorts: CohortRegistry
+    pool: Pool
+    metrics: WorkerMetrics
+    transport: Any
+
+    @property
+    def inbox(self) -> Sized: ...
+
+    def health(self) -> str | None: ...
 
 log = logging.getLogger("sidetune.server.metrics")
 
@@ -109,7 +132,7 @@ class WorkerMetrics:
 class _FleetGauges(Collector):
     """What the scrape reads from Redis: open jobs by state, cached bytes and samples per device."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Source) -> None:
         self.w = worker
 
     def collect(self) -> Iterable[Any]:
@@ -147,12 +170,24 @@ class _FleetGauges(Collector):
             nsamples.add_metric([d], s)
         yield nbytes
         yield nsamples
+        members = GaugeMetricFamily("sidetune_cohort_members", "Devices the operator made members of each cohort",
+                                    labels=["cohort"])
+        version = GaugeMetricFamily("sidetune_cohort_adapter_version", "Each cohort's latest adapter version",
+                                    labels=["cohort"])
+        try:
+            for name, devs in self.w.cohorts.cohorts().items():
+                members.add_metric([name], len(devs))
+                version.add_metric([name], self.w.pool.cohorts.version(name))
+        except STORE_ERRORS:
+            return
+        yield members
+        yield version
 
 
 class MetricsServer:
     """``/metrics`` and ``/healthz`` of one worker, on a thread of its own."""
 
-    def __init__(self, worker: Worker, host: str, port: int) -> None:
+    def __init__(self, worker: Source, host: str, port: int) -> None:
         self.worker = worker
         worker.metrics.inbox.set_function(lambda: len(worker.inbox))
         worker.metrics.broker_up.set_function(lambda: 1 if worker.transport.connected.is_set() else 0)
