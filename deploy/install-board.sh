@@ -51,6 +51,10 @@ if [ -n "$BUNDLE" ]; then
   for f in edge.toml ca.crt edge.password; do
     [ -f "$BUNDLE/$f" ] || die "$BUNDLE/$f is missing: --bundle takes the folder \`sidetune broker add-device\` wrote"
   done
+  # A cohort member's bundle names its cohort: its secret (made off the server) must come with it.
+  if grep -q '^cohort = ' "$BUNDLE/edge.toml" && [ ! -f "$BUNDLE/cohort.json" ]; then
+    die "$BUNDLE/edge.toml makes this board a cohort member but $BUNDLE/cohort.json is missing: put the cohort's secret there (\`sidetune cohort secret NAME --out FILE\`, made once, off the server)"
+  fi
 elif [ "$UPGRADE" = 0 ]; then
   die "--bundle is required on a first install (\`sidetune broker add-device ID --dir /etc/sidetune/broker\` writes it on the server)"
 fi
@@ -93,6 +97,9 @@ if [ -n "$BUNDLE" ]; then
   install -m 0644 "$BUNDLE/edge.toml" "$ETC/edge.toml"
   install -m 0644 "$BUNDLE/ca.crt" "$ETC/ca.crt"
   install -m 0600 "${owner[@]}" "$BUNDLE/edge.password" "$ETC/edge.password"   # the agent's user reads it
+  if [ -f "$BUNDLE/cohort.json" ]; then
+    install -m 0600 "${owner[@]}" "$BUNDLE/cohort.json" "$ETC/cohort.json"   # the cohort's secret
+  fi
 fi
 [ -f "$ETC/task.toml" ] || install -m 0644 "$SRC/deploy/task.example.toml" "$ETC/task.toml"
 install -d -m 0700 "${owner[@]}" "$ROOT/var/lib/sidetune"

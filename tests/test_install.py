@@ -315,3 +315,22 @@ def test_example_configs_document_every_key_with_the_code_defaults():
                     {"broker_password_file", "redis_password_file"})  # written by `sidetune broker init`
     assert load_settings(EdgeSettings, REPO / "deploy/edge.example.toml").max_length == 128
     assert load_settings(ServerSettings, REPO / "deploy/server.example.toml").share_group == "workers"
+
+
+def test_a_cohort_members_bundle_brings_the_cohort_secret(tmp_path):
+    """add-device --cohort writes the membership into the bundle; the board's install refuses it
+    without the cohort's secret beside it, and installs the secret 0600 when it is there."""
+    from sidetune.provision import BrokerParams, add_device, init_broker
+
+    broker = tmp_path / "broker"
+    init_broker(broker, BrokerParams(hostnames=["localhost"]))
+    bundle = add_device(broker, "board-9", cohort="press-line")
+    args = ["--root", str(tmp_path / "board"), "--venv", str(VENV), "--bundle", str(bundle), "."]
+    p = run_script("install-board.sh", *args, check=False)
+    assert p.returncode != 0 and "cohort.json is missing" in p.stderr, p.stderr
+    subprocess.run([str(VENV / "bin" / "sidetune"), "cohort", "secret", "press-line", "--out",
+                    str(bundle / "cohort.json")], check=True, capture_output=True)
+    run_script("install-board.sh", *args)
+    etc = tmp_path / "board" / "etc/sidetune"
+    assert stat.S_IMODE((etc / "cohort.json").stat().st_mode) == 0o600
+    assert 'cohort = "press-line"' in (etc / "edge.toml").read_text()
