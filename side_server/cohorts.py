@@ -252,3 +252,25 @@ class CohortStore:
         if b"fingerprint" not in h:
             return None
         return h[b"fingerprint"].decode(), SideNetSpec.model_validate_json(h[b"spec"])
+
+
+def cohort_snapshot(r: redis.Redis, registry: CohortRegistry) -> list[dict[str, Any]]:
+    """Every cohort of the registry: its members, task, adapter version and last metrics, the
+    samples each member has in the pool and the federated updates waiting (what `sidetune fleet
+    cohorts` shows)."""
+    store = CohortStore(r)
+    out = []
+    for name, members in registry.cohorts().items():
+        task = store.task(name)
+        v = store.version(name)
+        got = store.adapter(name, v) if v else None
+        pooled = {}
+        for dev in members:
+            n = cast(bytes | None, r.hget(ckey("pooled", name, dev), "n"))
+            pooled[dev] = int(n) if n is not None else 0
+        pending = cast(dict[bytes, bytes], r.hgetall(ckey("fedpend", name)))
+        out.append({"cohort": name, "members": members, "fingerprint": task[0] if task else None,
+                    "spec": task[1].model_dump() if task else None, "adapter_version": v,
+                    "metrics": got[1].get("metrics", {}) if got else {}, "samples_pooled": pooled,
+                    "updates_waiting": sorted(k.decode() for k in pending)})
+    return out

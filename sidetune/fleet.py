@@ -4,7 +4,9 @@
                               last round, jobs, rejections, cache and quota use;
 ``sidetune fleet jobs``       the newest jobs of every device, with their progress and losses;
 ``sidetune fleet device ID``  one device in full: its rounds, jobs (with the loss per epoch) and
-                              its last rejections.
+                              its last rejections;
+``sidetune fleet cohorts``    every cohort of the registry: members, samples pooled, adapter
+                              version, last training loss, federated updates waiting.
 
 ``--json`` prints what the views read (side_server/fleet.py: :func:`fleet_snapshot` and friends),
 unchanged. Only the server's config is needed (its Redis URL and password). Redis unreachable:
@@ -30,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=run, fleet_cmd="devices", config=None, json=False)
     cmds = p.add_subparsers(dest="fleet_cmd", metavar="VIEW")
     _common(cmds.add_parser("jobs", help="the newest jobs of every device, with progress and losses"),
+            argparse.SUPPRESS)
+    _common(cmds.add_parser("cohorts", help="every cohort: members, samples pooled, adapter version, last loss"),
             argparse.SUPPRESS)
     dev = cmds.add_parser("device", help="one device in full: rounds, jobs, losses, rejections")
     dev.add_argument("device_id", metavar="ID")
@@ -76,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
             if d is None:
                 raise UsageError(f"no device {args.device_id!r} has been heard of (`sidetune fleet` lists them)")
             print(json.dumps(d, indent=1) if args.json else _device_text(d))
+        elif args.fleet_cmd == "cohorts":
+            cohorts = _cohorts(r, args.config)
+            print(json.dumps(cohorts, indent=1) if args.json else _cohorts_text(cohorts))
         elif args.fleet_cmd == "jobs":
             jobs = fleet_snapshot(r)["jobs"]
             print(json.dumps(jobs, indent=1) if args.json else _jobs_text(jobs))
@@ -89,7 +96,32 @@ def run(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _cohorts(r: Any, config: str | None) -> list[dict[str, Any]]:
+    from schemas.settings import load_settings
+    from side_server.cohorts import CohortRegistry, cohort_snapshot
+    from side_server.config import ServerSettings
+
+    settings = load_settings(ServerSettings, config)
+    if settings.cohorts_file is None:
+        return []
+    return cohort_snapshot(r, CohortRegistry(settings.cohorts_file))
+
+
 # --------------------------------------------------------------------------- text
+
+
+def _cohorts_text(cohorts: list[dict[str, Any]]) -> str:
+    if not cohorts:
+        return "no cohorts (the server's cohorts_file names none: `sidetune broker add-device ID --cohort NAME`)"
+    rows = []
+    for c in cohorts:
+        m = c["metrics"]
+        loss = m.get("train_loss")
+        rows.append([untrusted(c["cohort"]), str(len(c["members"])), str(sum(c["samples_pooled"].values())),
+                     f"v{c['adapter_version']}" if c["adapter_version"] else "-",
+                     f"{loss:.4f}" if isinstance(loss, float) else "-", str(len(c["updates_waiting"])),
+                     ", ".join(untrusted(d) for d in c["members"])])
+    return _table(["COHORT", "MEMBERS", "POOLED", "ADAPTER", "LOSS", "UPDATES", "WHO"], rows)
 
 
 def _size(n: float | None) -> str:

@@ -102,7 +102,8 @@ def test_provisioning_records_membership_and_writes_it_into_the_bundle(tmp_path)
 
 @pytest.mark.integration
 def test_members_train_one_adapter_on_both_boards_samples(tmp_path, tiny_backbone, mosquitto, redis_url,
-                                                          broker_accounts, device_accounts, mqtt_client, caplog):
+                                                          broker_accounts, device_accounts, mqtt_client, caplog,
+                                                          capsys):
     import redis
 
     from edge_agent.agent import EdgeAgent
@@ -207,6 +208,19 @@ def test_members_train_one_adapter_on_both_boards_samples(tmp_path, tiny_backbon
             for needle in needles:
                 assert needle not in blob
         assert not any(b'"basis"' in p for p in payloads)
+
+        # The operator's view of the cohort: `sidetune fleet cohorts`
+        from sidetune.cli import main
+
+        conf = tmp_path / "server.toml"
+        conf.write_text(f'redis_url = "{redis_url}"\ncohorts_file = "{registry}"\n')
+        capsys.readouterr()
+        assert main(["fleet", "cohorts", "--config", str(conf), "--json"]) == 0
+        (view,) = json.loads(capsys.readouterr().out)
+        assert view["cohort"] == "press" and view["adapter_version"] == 2 and view["metrics"]["samples"] == 300
+        assert view["samples_pooled"] == {a: 150, b: 150, late: 0} and view["members"] == sorted([a, b, late])
+        assert main(["fleet", "cohorts", "--config", str(conf)]) == 0
+        assert "press" in capsys.readouterr().out
     finally:
         worker.stop()
         for d in (a, b, outsider, late, odd):
