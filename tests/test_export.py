@@ -468,8 +468,25 @@ def test_bench_onnx_engines(llama, tmp_path):
         ]
         for c in e["configs"]:
             assert c["ms_per_sample"] > 0 and c["peak_rss_mb"] >= c["rss_before_mb"] * 0.5
+            assert c["gflops"] > 0  # the forward pass's FLOPs (sidetune/bench/flops.py) per wall second
     table = "\n".join(lines)
     assert "ms/sample" in table and "onnx-int8" in table
+    # the limit: ONNX Runtime's GEMM on the backbone's weight shapes, fp32 and int8
+    hw = result["hardware"]
+    shapes = {(r["k"], r["n"]) for r in hw["gemm"]["per_shape"]}
+    assert shapes == {(32, 32), (32, 16), (32, 64), (64, 32)}  # q/o, k/v, gate/up, down of the tiny llama
+    assert hw["gemm_peak_gflops"] == max(r["fp32"] for r in hw["gemm"]["per_shape"]) > 0
+    assert hw["gemm_peak_int8_gops"] > 0
+    assert "% of the fp32 GEMM peak" in table
+
+
+def test_forward_flops():
+    from sidetune.bench.flops import forward_flops
+
+    shapes = {"matmuls": [[4, 8], [8, 4]], "hidden": 4, "vocab": 10, "layers": 2, "has_logits": True}
+    # per token 2*(32+32); attention 4*L*d*T^2; the head 2*V*d once per sequence
+    assert forward_flops(shapes, [3]) == 2 * 64 * 3 + 4 * 2 * 4 * 9 + 2 * 10 * 4
+    assert forward_flops(shapes, [3, 5]) == forward_flops(shapes, [3]) + forward_flops(shapes, [5])
 
 
 def test_bench_errors(tmp_path):

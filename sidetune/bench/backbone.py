@@ -120,8 +120,11 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Runs in a fresh process: load once, measure every configuration."""
     import numpy as np
 
+    from sidetune.bench.flops import forward_flops
+
     threads = int(cfg["threads"])
     manifest = read_manifest(cfg["manifest_dir"])
+    shapes = cfg["shapes"]
     rss_start = _rss_mb()
     t0 = time.perf_counter()
     if engine.startswith("onnx"):
@@ -172,6 +175,7 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
         if peak is None:
             peak = _maxrss_mb()
         med = float(np.median(times))
+        flops = forward_flops(shapes, [s] * b)
         rows.append(
             {
                 "batch": b,
@@ -182,6 +186,7 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
                 "best_ms_per_sample": round(min(times) * 1000 / b, 2),
                 "samples_per_s": round(b / med, 2),
                 "cpu_ms_per_sample": round(float(np.median(cpu)) * 1000 / b, 2),
+                "gflops": round(flops / med / 1e9, 3),  # achieved, per wall second (all threads)
                 "peak_rss_mb": round(peak, 1),
                 "peak_over_loaded_mb": round(peak - rss_loaded, 1),
                 "rss_before_mb": round(rss_before, 1),
@@ -304,6 +309,18 @@ def format_table(result: dict[str, Any]) -> str:
         "ms/sample: median wall time per batch / batch; peak MB: resident-set peak during that "
         "configuration (whole process, model included); x: speed-up over torch eager."
     )
+    hw = result.get("hardware") or {}
+    if hw.get("gemm_peak_gflops"):
+        fp = next((e for e in engines if e["engine"] == "onnx-fp32"), None)
+        lines.append(
+            f"GEMM peak of ONNX Runtime on the backbone's weight shapes (512 tokens, {result['threads']} "
+            f"threads, best run): fp32 {hw['gemm_peak_gflops']:.0f} GFLOP/s, int8 "
+            f"{hw['gemm_peak_int8_gops']:.0f} GOP/s")
+        if fp is not None:
+            best = max(fp["configs"], key=lambda c: c["gflops"])
+            lines.append(
+                f"onnx-fp32 forward pass: {best['gflops']:.0f} GFLOP/s at batch {best['batch']} x "
+                f"{best['seq']} ({100 * best['gflops'] / hw['gemm_peak_gflops']:.0f} % of the fp32 GEMM peak)")
     if result.get("load_average_before") is not None:
         lines.append(
             f"load average before/after: {result['load_average_before']} / "
@@ -323,6 +340,7 @@ def run_bench(
     reps: int = 3,
     budget_s: float = 6.0,
     engines: Sequence[str] = ENGINES,
+    gemm: bool = True,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Latency and peak memory per (batch, seq) for each engine; prints a table, returns a dict."""
@@ -334,7 +352,10 @@ def run_bench(
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise ExportError(f"unknown engines {sorted(unknown)}; choose from {', '.join(ENGINES)}")
+    from sidetune.bench.flops import graph_shapes
+
     cfg = {
+        "shapes": graph_shapes(d),
         "threads": threads,
         "batches": list(batches),
         "seqs": list(seqs),
@@ -372,6 +393,14 @@ def run_bench(
             except (ExportError, subprocess.TimeoutExpired) as e:
                 results.append({"engine": engine, "skipped": str(e).splitlines()[0]})
                 progress(f"{engine}: skipped ({e})")
+    hardware: dict[str, Any] = {}
+    if gemm:
+        progress(f"measuring ONNX Runtime's GEMM peak on the backbone's shapes ({threads} threads) ...")
+        try:
+            peak = json.loads(_subprocess(["--gemm", json.dumps(cfg)], threads, timeout=600))
+            hardware = {"gemm_peak_gflops": peak["fp32"], "gemm_peak_int8_gops": peak["int8"], "gemm": peak}
+        except (ExportError, subprocess.TimeoutExpired) as e:
+            hardware = {"skipped": str(e).splitlines()[0]}
     result = {
         "backbone": str(d.resolve()),
         "model_type": manifest.model_type,
@@ -384,6 +413,7 @@ def run_bench(
         "load_average_after": _loadavg(),
         "bench_seconds": round(time.perf_counter() - started, 1),
         "engines": results,
+        "hardware": hardware,
     }
     progress(format_table(result))
     if json_path is not None:
@@ -404,6 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--worker"]:
         engine, model_dir, cfg = args[1], args[2], json.loads(args[3])
         print(json.dumps(_worker(engine, model_dir, cfg)), flush=True)
+        return 0
+    if args[:1] == ["--gemm"]:
+        from sidetune.bench.flops import gemm_peak
+
+        cfg = json.loads(args[1])
+        print(json.dumps(gemm_peak(cfg["shapes"], threads=int(cfg["threads"]))), flush=True)
         return 0
     if args[:1] == ["--prepare"]:
         _prepare(args[1], args[2])
