@@ -22,6 +22,18 @@ from side_server.store import JobRecord, JobStore
 
 log = logging.getLogger("sidetune.server")
 
+#: A member's target is ``M·(onehot(y) − p) + noise``: its norm is at most √2, plus the noise in the
+#: K − C extra dimensions (noise_std 0.1: about 0.25 for K = 8). Pooled targets are clipped to this
+#: norm, so a member that sends huge targets moves the cohort by its capped share of the loss,
+#: not by the size of its numbers.
+TARGET_NORM_MAX = 1.5
+
+
+def clip_targets(t: np.ndarray, bound: float = TARGET_NORM_MAX) -> np.ndarray:
+    """(N, K) targets with every row's L2 norm at most ``bound``."""
+    norm = np.linalg.norm(t, axis=1, keepdims=True)
+    return (t * np.minimum(1.0, bound / np.maximum(norm, 1e-12))).astype(np.float32)
+
 
 @dataclass
 class TrainingSet:
@@ -80,7 +92,7 @@ class Pool:
         log.info("job %s/%s trains cohort %s: %d members, %d samples (%s)", rec.device, rec.job_id, cohort,
                  len(counts), sum(counts.values()), ", ".join(f"{d} {n}" for d, n in counts.items()),
                  extra={"device": rec.device, "job": rec.job_id})
-        return TrainingSet(np.concatenate(states), np.concatenate(targets), weights, jobs, counts)
+        return TrainingSet(np.concatenate(states), clip_targets(np.concatenate(targets)), weights, jobs, counts)
 
     def _member_states(self, rec: JobRecord, e: PoolEntry) -> np.ndarray | None:
         x, gone = self.cache.get_many(e.device, e.keys, rec.spec.tap_rows)

@@ -28,7 +28,9 @@ def _synthetic(n_boards: int = 4, per: int = 100, c: int = 3, seed: int = 0) -> 
 
 def test_side_rows_pool_learns_more_than_a_board_alone_and_costs_the_board_little():
     rows = side_rows(_synthetic(), epochs=12, seed=0, progress=lambda m: None)
-    assert set(rows) == {"alone", "cohort_clear", "cohort_federated", "cohort_personal", "cohort_federated_dp"}
+    assert set(rows) == {"alone", "cohort_clear", "cohort_federated", "cohort_personal", "cohort_federated_dp",
+                         "pooled_offline", "pooled_hostile_member"}
+    assert rows["pooled_hostile_member"]["others_mean"] > rows["pooled_offline"]["others_mean"] - 0.1
     mean = {k: float(np.mean(v["accuracies"])) for k, v in rows.items()}
     assert mean["cohort_federated"] > 0.85 and mean["cohort_clear"] > 0.85, mean
     assert mean["cohort_federated"] > mean["alone"] + 0.03, mean  # label-DP at ε = 2 on 100 samples a board

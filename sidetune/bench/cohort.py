@@ -240,6 +240,23 @@ def side_rows(boards: Boards, *, epochs: int, seed: int, progress: Progress) -> 
                                "bytes_up": up, "bytes_down": down}
     progress(f"cohort_personal: mean {np.mean(accs):.3f}, worst {min(accs):.3f}")
 
+    # pooled on the server (the `cohort` row's training, offline): every board's ε = 2 targets in the
+    # cohort's basis, equal shares, clipped targets; then board 0 hostile (targets pushed to the wrong
+    # class, 10× too large): the other boards' accuracy with and without it
+    from side_server.pooling import clip_targets
+
+    weights = member_weights(boards.sizes, 0.0)
+    rng = np.random.default_rng([41, seed])
+    dp_t = [cohort.targets(randomize(y[b], c, eps, rng), p_tr[b], NOISE_STD, rng) for b in range(n_boards)]
+    hostile = -10.0 * dp_t[0]
+    for name, first in (("pooled_offline", dp_t[0]), ("pooled_hostile_member", hostile)):
+        t_all = clip_targets(np.concatenate([first, *dp_t[1:]]))
+        net, _ = server_train(spec, hyper, x_all, t_all, sample_weight=weights)
+        g = sidenet.SideNetForward.from_bytes(spec, net.to_weights())(ho_tapped)
+        accs = [acc(b, g, cohort.basis) for b in range(n_boards)]
+        rows[name] = {"accuracies": accs, "others_mean": float(np.mean(accs[1:]))}
+        progress(f"{name}: the other boards' mean {np.mean(accs[1:]):.3f}")
+
     w_dp, cpu_dp, up, down = federated(DP_CLIP, DP_NOISE)
     g = sidenet.SideNetForward(spec, w_dp)(ho_tapped)
     accs = [acc(b, g, cohort.basis) for b in range(n_boards)]

@@ -86,6 +86,12 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
         if t:
             parts.append("\n".join(f"- {'✔' if ok else ('✘' if ok is not None else '·')} {what}: {fig}"
                                    for what, ok, fig in t) + "\n")
+        sr = r["details"]["side_rows"]
+        if "pooled_hostile_member" in sr:
+            parts.append(f"One hostile member of {s['boards']} (board 0 sends its targets negated and 10× too large; "
+                         f"targets clipped, equal shares): the other boards' mean accuracy "
+                         f"{sr['pooled_hostile_member']['others_mean']:.3f} with it, "
+                         f"{sr['pooled_offline']['others_mean']:.3f} without (pooled on the server, offline).\n")
         dp = r["details"]["side_rows"].get("cohort_federated_dp")
         if dp:
             parts.append(f"User-level DP of the federated cohort (clip {dp['clip']}, noise multiplier "
