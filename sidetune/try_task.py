@@ -90,26 +90,102 @@ def _board_folder(
         atomic_write(board / name, Path(src).read_bytes())
     pw = board / "edge.password"
     atomic_write(pw, password + "\n")
-    threads = max(1, os.cpu_count() or 1)
+    top = {
+        "device_id": DEVICE,
+        "password_file": str(pw),
+        "broker_host": "127.0.0.1",
+        "broker_port": broker_port,
+        "state_dir": str(state),
+        "backbone_dir": str(backbone.resolve()),
+        "task_file": str(board / "task.toml"),
+        "holdout_file": str(board / "holdout.jsonl"),
+        "threads": max(1, os.cpu_count() or 1),
+        "round_timeout": 900.0,
+    }
+    top.update(args.settings["top"])
+    hyper = dict(args.settings["hyper"])
     conf = board / "edge.toml"
     conf.write_text(
         "# Written by `sidetune try`; every key: deploy/edge.example.toml. The broker is the one\n"
         "# `sidetune try` started on this host (`--keep-running` keeps it up).\n"
-        f"device_id = {json.dumps(DEVICE)}\n"
-        f"password_file = {json.dumps(str(pw))}\n"
-        f'broker_host = "127.0.0.1"\nbroker_port = {broker_port}\n'
-        f"state_dir = {json.dumps(str(state))}\n"
-        f"backbone_dir = {json.dumps(str(backbone.resolve()))}\n"
-        f"task_file = {json.dumps(str(board / 'task.toml'))}\n"
-        f"holdout_file = {json.dumps(str(board / 'holdout.jsonl'))}\n"
-        f"threads = {threads}\nround_timeout = 900\n"
-        + (f"\n[hyper]\nepochs = {args.epochs}\n" if args.epochs else "")
+        + "".join(f"{k} = {_toml_value(v)}\n" for k, v in top.items())
+        + (
+            "\n[hyper]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in hyper.items())
+            if hyper
+            else ""
+        )
     )
     atomic_write(
         state / "inbox" / "train.jsonl", Path(args.train).read_bytes()
     )  # never half-written
     (state / "train.request").touch()  # one round on the first turn, whatever min_new_samples says
     return conf
+
+
+#: What `try` itself sets in edge.toml: not for --set.
+_OWN_KEYS = frozenset(
+    {
+        "device_id",
+        "password",
+        "password_file",
+        "broker_host",
+        "broker_port",
+        "broker_ca_file",
+        "state_dir",
+        "backbone_dir",
+        "task_file",
+        "holdout_file",
+    }
+)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")  # JSON has no words for them
+    return json.dumps(v)
+
+
+def parse_settings(pairs: list[str], epochs: int | None) -> dict[str, dict[str, Any]]:
+    """``--set KEY=VALUE`` (``hyper.KEY=VALUE`` for the [hyper] table) as the board's settings,
+    checked against the agent's own settings class (a bad key or value: exit 78)."""
+    from pydantic import ValidationError
+
+    from schemas import toml
+    from schemas.settings import ConfigError
+
+    top: dict[str, Any] = {}
+    hyper: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE (e.g. label_epsilon=inf)")
+        if key in _OWN_KEYS:
+            raise UsageError(f"--set {key}: `sidetune try` sets {key} itself")
+        try:
+            value = toml.loads(f"v = {raw}")["v"]  # a number, inf, true, [3, 6], "text"
+        except toml.TOMLDecodeError:
+            value = raw  # a bare word: a string (train_on=board)
+        table, _, name = key.rpartition(".")
+        if table not in ("", "hyper") or not name:
+            raise UsageError(f"--set {key}: a key of edge.toml, or hyper.KEY")
+        (hyper if table else top)[name] = value
+    probe: dict[str, Any] = {
+        "device_id": DEVICE,
+        "state_dir": "s",
+        "backbone_dir": "b",
+        "task_file": "t",
+        **top,
+        **({"hyper": hyper} if hyper else {}),
+    }
+    try:
+        EdgeSettings.model_validate(probe)
+    except ValidationError as e:
+        why = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"--set: {why}") from None
+    return {"top": top, "hyper": hyper}
 
 
 def _server_conf(
@@ -131,6 +207,7 @@ def _server_conf(
 def run_try(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise UsageError("--epochs must be positive")
+    args.settings = parse_settings(args.set or [], args.epochs)
     t_start = time.monotonic()
     task, backbone = _check_inputs(args)
     work = Path(args.workdir or DEFAULT_WORKDIR).resolve()
@@ -278,6 +355,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument(
         "--epochs", type=int, default=None, help="training epochs (default: the agent's, 20)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a setting of the board's edge.toml, e.g. label_epsilon=inf, train_on=board, "
+        "hyper.lr=0.001 (repeatable; deploy/edge.example.toml lists them)",
     )
     p.add_argument("--json", default=None, help="also write the round's figures here")
     p.add_argument(

@@ -71,6 +71,10 @@ def test_try_tunes_a_board_and_leaves_a_folder_that_keeps_working(tmp_path, tiny
             "--json",
             str(tmp_path / "try.json"),
             "--keep-running",
+            "--set",
+            "label_epsilon=inf",
+            "--set",
+            "hyper.lr=0.003",
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -106,6 +110,9 @@ def test_try_tunes_a_board_and_leaves_a_folder_that_keeps_working(tmp_path, tiny
         # the agent's own held-out figure
         conf = work / "board" / "edge.toml"
         settings = load_settings(EdgeSettings, conf)
+        assert settings.label_epsilon == float("inf") and settings.hyper.lr == 0.003  # --set
+        log = (work / "board" / "agent.log").read_text()
+        assert "labels sent as they are: label_epsilon = inf" in log
         for p in (
             settings.state_dir,
             settings.task_file,
@@ -214,6 +221,17 @@ def test_try_checks_its_inputs_before_it_starts_anything(
             2,
             "--epochs must be positive",
         ),
+    ]
+    ok = ["--task", str(task), "--train", str(train), "--holdout", str(holdout)]
+    cases += [
+        (
+            [*ok, "--set", "label_epsilon=-1"],
+            78,
+            "--set: label_epsilon: Input should be greater than 0",
+        ),
+        ([*ok, "--set", "hyper.nope=1"], 78, "--set: hyper.nope: Extra inputs are not permitted"),
+        ([*ok, "--set", "state_dir=/tmp"], 2, "`sidetune try` sets state_dir itself"),
+        ([*ok, "--set", "label_epsilon"], 2, "expected KEY=VALUE"),
     ]
     for argv, code, message in cases:
         rc = main(["try", *argv, *base])
