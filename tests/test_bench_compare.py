@@ -83,7 +83,10 @@ def test_compare_on_the_tiny_backbone(tmp_path_factory, tmp_path):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     # the contract's shape, field for field
-    assert list(on_disk) == ["tasks"] and len(on_disk["tasks"]) == 1
+    assert list(on_disk) == ["tasks", "hardware"] and len(on_disk["tasks"]) == 1
+    hw = on_disk["hardware"]  # the limit: the forward pass's FLOP rate against ONNX Runtime's GEMM peak
+    assert hw["gemm_peak_gflops"] > 0 and hw["gemm_peak_int8_gops"] > 0
+    assert set(hw["forward_gflops"][on_disk["tasks"][0]["task"]]) == {"fp32", "int8"}
     t = on_disk["tasks"][0]
     assert list(t) == ["task", "dataset", "train", "holdout", "backbone", "methods", "server"]
     assert t["dataset"] == "rotten_tomatoes" and (t["train"], t["holdout"]) == (48, 24)
@@ -111,6 +114,8 @@ def test_compare_on_the_tiny_backbone(tmp_path_factory, tmp_path):
     # the agent's own peak (its VmHWM), not wait4's, which keeps this test process's RSS at the fork
     assert s["device_peak_rss_mb"] < 400
     assert s["time_to_adapter_s"] > 0 and s["forward_floor_s"] > 0
+    assert m["sidetune_int8"]["forward_floor_s"] > 0  # each board graph's own floor
+    assert s["graph"] == "fp32" and m["sidetune_int8"]["graph"] == "int8" and m["lora"]["graph"] is None
     assert m["full_activation"]["device_cpu_s"] is None and m["full_activation"]["accuracy"] is None
     assert t["server"]["ingest_samples_per_s"] > 0 and t["server"]["train_samples_per_s"] > 0
     report = (out / "report.md").read_text()

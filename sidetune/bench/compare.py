@@ -55,7 +55,7 @@ T = TypeVar("T")
 METHODS = ("zero_shot", "recalibrated", "sidetune", "sidetune_int8", "sidetune_int8_wire", "labels_in_clear",
            "lora", "full_activation", "split_learning")
 FIELDS = ("accuracy", "accuracy_std", "bytes_per_sample", "device_cpu_s", "device_peak_rss_mb",
-          "forward_passes_per_sample", "time_to_adapter_s", "forward_floor_s")
+          "forward_passes_per_sample", "time_to_adapter_s", "forward_floor_s", "graph")
 THREADS = 2  # the board's threads (EdgeSettings.threads), for every device-side process
 LORA = {"lr": 3e-4, "batch_size": 8}
 #: (training, held-out) samples per data set when --train / --holdout are not given: Rotten Tomatoes
@@ -83,11 +83,17 @@ def task_data(task_name: str) -> tuple[str, Any, list[Review]]:
                      f"{', '.join(NEWS_CLASSES)} (news outlets)")
 
 
-def int8_backbone(fp32_dir: Path, progress: Progress) -> Path:
-    """The int8 graph of the same model beside the fp32 one (``<dir>-int8``), exported on first use."""
+def int8_backbone(fp32_dir: Path, progress: Progress, graph: str = "int8") -> Path:
+    """The quantized ``graph`` (backbone_export/quantize.py GRAPHS; the int8 graph by default) of the
+    same model beside the fp32 one (``<dir>-<graph>``), made on first use."""
     m = read_manifest(fp32_dir)
     if m.quantization:
         raise UsageError(f"{fp32_dir} holds a {m.quantization} graph: give the fp32 export as --backbone")
+    if graph != "int8":  # quantized from the fp32 export itself (seconds; the same as `sidetune export`)
+        from sidetune.bench.graphs import graph_copy
+
+        progress(f"the {graph} graph of {m.source} in {fp32_dir.name}-{graph} (made on first use)")
+        return graph_copy(fp32_dir, fp32_dir.with_name(f"{fp32_dir.name}-{graph}"), graph)
     target = fp32_dir.with_name(fp32_dir.name + "-int8")
     from backbone_export.quantize import INT8_SETTINGS
 
@@ -358,7 +364,16 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
         methods["sidetune"]["forward_passes_per_sample"] = round_info["forward_passes"] / round_info["samples"]
     if fwd8 is not None:
         methods["sidetune_int8"].update(device_cpu_s=fwd8["device_cpu_s"], device_peak_rss_mb=fwd8["device_peak_rss_mb"],
-                                        forward_passes_per_sample=1.0)
+                                        forward_passes_per_sample=1.0, forward_floor_s=fwd8["forward_wall_s"],
+                                        graph=fwd8["quantization"])
+    for m in ("zero_shot", "recalibrated", "sidetune", "sidetune_int8_wire", "labels_in_clear"):
+        methods[m]["graph"] = "fp32"  # what the board ran
+    from sidetune.bench.flops import forward_flops, graph_shapes
+
+    flops = forward_flops(graph_shapes(backbone_dir), lengths)  # the training samples' forward passes
+    forward_gflops = {"fp32": round(flops / fwd32["forward_wall_s"] / 1e9, 1)}
+    if fwd8 is not None:
+        forward_gflops[str(fwd8["quantization"])] = round(flops / fwd8["forward_wall_s"] / 1e9, 1)
     methods["sidetune"]["time_to_adapter_s"] = round_info.get("time_to_adapter_s")
     methods["sidetune"]["forward_floor_s"] = fwd32["forward_wall_s"]
     if lora:
@@ -378,6 +393,7 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
     details = {"task": task_name, "classes": list(task.classes), "accuracies": acc, "bytes": bytes_,
                "forward": {"fp32": fwd32, "int8": fwd8}, "round": round_info, "lora": lora,
                "epochs": hyper.epochs, "spec": spec.model_dump(), "mean_tokens": float(np.mean(lengths)),
+               "forward_gflop": flops / 1e9, "forward_gflops": forward_gflops,
                "phases_s": phases}
     return entry, details
 
@@ -388,6 +404,7 @@ def compare_task(task_name: str, backbone_dir: Path, int8_dir: Path | None, out_
 def run_compare(backbone_dir: Path, tasks: Sequence[str], out_dir: Path, *, train: int | None, holdout: int | None,
                 seeds: int,
                 lora_epochs: int, live: bool = True, int8: bool = True, ingest_samples: int = 2000,
+                graph: str = "int8",
                 cache_dir: Path, progress: Progress = print) -> dict[str, Any]:
     import torch
 
@@ -401,7 +418,14 @@ def run_compare(backbone_dir: Path, tasks: Sequence[str], out_dir: Path, *, trai
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load = [os.getloadavg()]
-    int8_dir = int8_backbone(backbone_dir, progress) if int8 else None
+    int8_dir = int8_backbone(backbone_dir, progress, graph) if int8 else None
+    from sidetune.bench.measure import run_child as _child
+
+    progress(f"ONNX Runtime's GEMM peak on the backbone's shapes ({THREADS} threads, own process) ...")
+    from sidetune.bench.flops import graph_shapes
+
+    peak = _child("sidetune.bench.flops:gemm_child", {"shapes": graph_shapes(backbone_dir), "threads": THREADS},
+                  out_dir / "work", THREADS, progress)
     int8_export_s = time.perf_counter() - started
     results: dict[str, Any] = {"tasks": []}
     details = []
@@ -411,6 +435,10 @@ def run_compare(backbone_dir: Path, tasks: Sequence[str], out_dir: Path, *, trai
                                   progress=progress)
         results["tasks"].append(entry)
         details.append(det)
+        results["hardware"] = {  # how close the board's forward pass comes to this CPU's matmul
+            "gemm_peak_gflops": peak["fp32"], "gemm_peak_int8_gops": peak["int8"],
+            "forward_gflops": {d["task"]: d["forward_gflops"] for d in details},
+            "forward_gflop": {d["task"]: d["forward_gflop"] for d in details}, "gemm": peak}
         load.append(os.getloadavg())
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # what is done so far
     setup: dict[str, Any] = {"seconds": time.perf_counter() - started, "loadavg": load, "cpus": os.cpu_count(), "threads": THREADS,

@@ -219,6 +219,13 @@ def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: 
         lines += tried + ([""] if tried else [])
         notes = [f"- the board's forward passes alone (own process, fp32 graph): {fwd['fp32']['device_cpu_s']:.0f} CPU-s, "
                  f"{fwd['fp32']['device_peak_rss_mb']:.0f} MB, {fwd['fp32']['forward_wall_s']:.1f} s wall (the floor)"]
+        hw = results.get("hardware") or {}
+        if d.get("forward_gflops") and hw.get("gemm_peak_gflops"):
+            notes.append(f"- the limit: {d['forward_gflop']:,.0f} GFLOP of forward passes; achieved " + ", ".join(
+                f"{g} {v:.0f} GFLOP/s" for g, v in d["forward_gflops"].items()) + f" against ONNX Runtime's GEMM "
+                f"peak on the backbone's shapes, fp32 {hw['gemm_peak_gflops']:.0f} GFLOP/s (fp32 graph at "
+                f"{100 * d['forward_gflops']['fp32'] / hw['gemm_peak_gflops']:.0f} %), int8 "
+                f"{hw['gemm_peak_int8_gops']:.0f} GOP/s")
         a = d["accuracies"]
         if a.get("sidetune_no_label_dp"):
             notes.append(f"- sidetune is scored on the agent's default path: labels randomised at ε = "
@@ -226,7 +233,7 @@ def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: 
                          f"true labels (mixing and noise only) {fmean(a['sidetune_no_label_dp']):.3f}, with every "
                          f"privacy measure off (labels_in_clear) {fmean(a['labels_in_clear']):.3f}")
         if fwd.get("int8"):
-            notes.append(f"- int8 graph: {fwd['int8']['device_cpu_s']:.0f} CPU-s, {fwd['int8']['device_peak_rss_mb']:.0f} MB, "
+            notes.append(f"- {fwd['int8'].get('quantization') or 'int8'} graph: {fwd['int8']['device_cpu_s']:.0f} CPU-s, {fwd['int8']['device_peak_rss_mb']:.0f} MB, "
                          f"{fwd['int8']['forward_wall_s']:.1f} s wall; its zero-shot accuracy "
                          f"{d['accuracies'].get('zero_shot_int8', [float('nan')])[0]:.3f}")
         if rnd:

@@ -109,3 +109,8 @@ def achieved(flops: float, wall_s: float, cpu_s: float | None = None) -> dict[st
     """GFLOP/s per wall second (the threads together) and per CPU second (one core's share)."""
     return {"gflops_per_wall_s": round(flops / wall_s / 1e9, 1) if wall_s > 0 else None,
             "gflops_per_cpu_s": round(flops / cpu_s / 1e9, 1) if cpu_s else None}
+
+
+def gemm_child(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``sidetune.bench.measure`` child: gemm_peak in a process of its own (``bench compare``)."""
+    return gemm_peak(cfg["shapes"], threads=int(cfg["threads"]))
