@@ -315,3 +315,62 @@ def test_federated_members_send_only_weight_changes_and_get_their_average(tmp_pa
         worker.stop()
         for d in (a, b):
             clear_device(mqtt_client, d)
+
+
+@pytest.mark.integration
+def test_a_cohort_run_survives_a_killed_worker_and_a_redis_restart(tmp_path, tiny_backbone, mosquitto, redis_url,
+                                                                   redis_server, broker_accounts, device_accounts,
+                                                                   mqtt_client):
+    import signal
+
+    from edge_agent.agent import EdgeAgent
+    from schemas import HyperParams
+    from sidetune.services import SERVER_USER
+    from tests.loop_helpers import (
+        AgentThread,
+        ServerProcess,
+        clear_device,
+        edge_settings,
+        make_samples,
+        request_round,
+        round_state,
+        server_settings,
+        wait_for,
+    )
+
+    (a, pa), (b, pb) = device_accounts(2)
+    registry = tmp_path / "cohorts.json"
+    registry.write_text(json.dumps({"devices": {a: "mill", b: "mill"}}))
+    secret = tmp_path / "cohort.json"
+    secret.write_text(cohort_secret_json("mill", 4))
+    settings = server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER], cohorts_file=registry,
+                               worker_id="cohort-fault-1")
+
+    def member(device: str, password: str, epochs: int):
+        return edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, cohort="mill",
+                             cohort_secret_file=secret, hyper=HyperParams(epochs=epochs, lr=3e-3, batch_size=8))
+
+    first = ServerProcess(settings, tmp_path / "w1")
+    second = None
+    try:
+        with AgentThread(EdgeAgent(member(a, pa, 5))) as agent_a, AgentThread(EdgeAgent(member(b, pb, 80))) as agent_b:
+            request_round(agent_a, make_samples(150, seed=1))
+            assert wait_for(lambda: round_state(agent_a, 1), 90, "a's round")["state"] == "done"
+            request_round(agent_b, make_samples(150, seed=2))
+            wait_for(lambda: "trains cohort mill: 2 members" in (tmp_path / "w1" / "server.log").read_text(), 90,
+                     "b's pooled run to start")
+            time.sleep(1.0)  # some epochs in
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait()
+            redis_server.restart()
+            second = ServerProcess(settings.model_copy(update={"worker_id": "cohort-fault-2"}), tmp_path / "w2")
+            r_b = wait_for(lambda: round_state(agent_b, 1), 120, "b's round after the kill and the restart")
+            assert r_b["state"] == "done", r_b
+            assert agent_b.adapter.metrics["samples"] == 300  # both boards' samples: nothing lost
+            wait_for(lambda: agent_a.adapter.version == agent_b.adapter.version, 20, "a to get b's run")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        for d in (a, b):
+            clear_device(mqtt_client, d, ["cohort-fault-1", "cohort-fault-2"])
