@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a backbone to ONNX with pivot outputs")
     exp.add_argument("--model", required=True, help="smollm2-135m, a Hugging Face model folder, or a .gguf file")
     exp.add_argument("--out", required=True, help="output folder")
-    exp.add_argument("--quantize", choices=["int8"], default=None)
+    from backbone_export.quantize import QUANT_CHOICES
+
+    exp.add_argument("--quantize", choices=list(QUANT_CHOICES), default=None,
+                     help="a quantized board graph (default: fp32); see the README's backbone benchmark")
     exp.set_defaults(func=cmd_export)
 
     from sidetune.fleet import register as add_fleet_command

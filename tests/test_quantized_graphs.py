@@ -103,3 +103,17 @@ def test_unknown_graph_is_a_clear_error(tmp_path, fp32):
     with pytest.raises(ExportError, match="unknown quantization 'int3'; choose one of: int8, "):
         export_backbone(manifest.source, tmp_path / "o", quantize="int3", progress=lambda _m: None)
     assert {"int8", "int8-sq-w8", "w8b32", "w4b32"} <= set(QUANT_CHOICES)
+
+
+def test_sidetune_export_builds_a_named_graph(tmp_path, capsys, fp32):
+    from schemas.manifest import read_manifest
+    from sidetune.cli import main
+
+    _, manifest = fp32
+    assert main(["export", "--model", manifest.source, "--out", str(tmp_path / "g"), "--quantize", "w8b128"]) == 0
+    got = read_manifest(tmp_path / "g")
+    assert got.quantization == "w8b128" and got.quantization_settings["block_size"] == 128
+    assert got.verify_cosine_min > 0.98
+    with pytest.raises(SystemExit) as e:  # argparse: not a graph it builds
+        main(["export", "--model", manifest.source, "--out", str(tmp_path / "h"), "--quantize", "int3"])
+    assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
