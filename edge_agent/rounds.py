@@ -109,10 +109,10 @@ class Rounds:
             log.info("forward passes: %d/%d", passes, len(fresh))
         if passes:
             self.forward_rate = passes / max(time.time() - t0, 1e-6)
-        if self.s.train_on == "board":
-            return self._train_on_board(t0, passes, time.process_time() - cpu0)
         if self.s.cohort is not None and self.s.pool == "weights":
             return self._federated(t0, passes, time.process_time() - cpu0)
+        if self.s.cohort is None and self.s.train_on == "board":
+            return self._train_on_board(t0, passes, time.process_time() - cpu0)
         rng = np.random.default_rng(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
         # Label-DP: each sample's reported label is drawn once (ledger) and the same one is sent in every round.
         drawn = self.ledger.draw_sent_labels(self.model.task.num_classes, self.s.label_epsilon, rng)
@@ -369,7 +369,7 @@ class Rounds:
                                                              + nbytes))
         if update.version <= self.model.adapter_version:
             return
-        if self.s.train_on == "board":  # it runs only what it trained itself
+        if self.s.cohort is None and self.s.train_on == "board":  # it runs only what it trained itself
             log.warning("ignoring adapter v%d from the server: train_on = \"board\"", update.version)
             return
         try:

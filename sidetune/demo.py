@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_agent.config import EdgeSettings
 from edge_agent.ledger import Ledger
+from edge_agent.secret import cohort_secret_json
 from schemas.errors import SidetuneError, UsageError
 from sidetune.data import Review, load_reviews, shards
 from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port, stop_groups
@@ -43,6 +45,9 @@ verbalizers = [" positive", " negative"]
 '''
 ROUND_TIMEOUT = 3600.0
 
+
+#: The demo's boards are one cohort: they train one side network together.
+DEMO_COHORT = "demo"
 
 def default_home() -> Path:
     """Where exported backbones and cached features live: $SIDETUNE_HOME or ~/.cache/sidetune."""
@@ -103,12 +108,18 @@ def run_demo(args: argparse.Namespace) -> int:
     while dash_port == metrics_port:
         dash_port = free_port()
     try:
+        # The boards form a cohort, as an operator makes one: the registry the server reads, and the
+        # cohort's secret made off the server and handed to each board (`sidetune cohort secret`).
+        (work / "cohorts.json").write_text(json.dumps({"devices": {d: DEMO_COHORT for d in devices}}))
+        cohort_secret = work / "cohort.json"
+        cohort_secret.write_text(cohort_secret_json(DEMO_COHORT, EdgeSettings.model_fields["out_dim"].default))
+        cohort_secret.chmod(0o600)
         server_conf = work / "server.toml"
         server_conf.write_text(
             f'broker_port = {broker.port}\nbroker_username = "{SERVER_USER}"\n'
             f'broker_password = "{accounts[SERVER_USER]}"\nredis_url = "{cache.url}"\n'
             f'worker_id = "demo-worker-1"\ntorch_threads = 1\nshare_group = "w-{secrets.token_hex(16)}"\n'
-            f'metrics_port = {metrics_port}\n')
+            f'metrics_port = {metrics_port}\ncohorts_file = "{work / "cohorts.json"}"\n')
         procs.append(spawn(["server", "--config", str(server_conf)], work / "server.log"))
         dash_log = work / "dashboard.log"
         procs.append(spawn(["dashboard", "--config", str(server_conf), "--port", str(dash_port)], dash_log))
@@ -126,7 +137,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 f'device_id = "{dev}"\npassword = "{accounts[dev]}"\nbroker_port = {broker.port}\n'
                 f'state_dir = "{state}"\nbackbone_dir = "{backbone}"\ntask_file = "{work / "task.toml"}"\n'
                 f'holdout_file = "{work / f"{dev}-holdout.jsonl"}"\nthreads = {threads}\n'
-                f'min_new_samples = 1000000\nround_timeout = 900\n\n[hyper]\nepochs = {args.epochs}\n')
+                f'min_new_samples = 1000000\nround_timeout = 900\n'
+                f'cohort = "{DEMO_COHORT}"\ncohort_secret_file = "{cohort_secret}"\n\n[hyper]\nepochs = {args.epochs}\n')
             procs.append(spawn(["edge", "run", "--config", str(conf)], work / f"{dev}.log"))
             states[dev] = state
         wait_healthy(metrics_port, procs)  # a job sent before the worker subscribed would wait for round_timeout
@@ -145,6 +157,7 @@ def run_demo(args: argparse.Namespace) -> int:
             for dev in devices:
                 results[dev].append(rows[dev])
         _print_table(results)
+        _print_cohort(states)
         report = {
             "backbone": {k: manifest[k] for k in ("fingerprint", "num_layers", "hidden_size")},
             "devices": [{"device_id": d, "rounds": results[d]} for d in devices],
@@ -277,6 +290,18 @@ def _clean(row: dict[str, Any]) -> dict[str, Any]:
     if out["seconds"] is not None:
         out["seconds"] = round(float(out["seconds"]), 1)
     return out
+
+
+def _print_cohort(states: dict[str, Path]) -> None:
+    """What each board's installed adapter was trained on: the cohort's samples, not its own alone."""
+    for dev, state in states.items():
+        try:
+            meta = json.loads((state / "adapter" / "current.json").read_text())
+        except (OSError, ValueError):
+            continue
+        m = meta.get("metrics", {})
+        print(f"[demo] {dev}: adapter v{meta['version']} of cohort {DEMO_COHORT}, trained on "
+              f"{m.get('samples', 0):.0f} samples of {m.get('cohort_members', 1):.0f} boards")
 
 
 def _print_table(results: dict[str, list[dict[str, Any]]]) -> None:  # rows are plain JSON values

@@ -81,6 +81,7 @@ def edge_settings(tmp: Path, backbone: Path, mosquitto: Mosquitto, device: str, 
         device_id=device, password=password, broker_port=mosquitto.port, state_dir=tmp / f"edge-{device}",
         backbone_dir=backbone, task_file=task, min_new_samples=10_000, upload_batch=32, out_dim=4, taps=[1, 2, 3, 4],
         hyper=HyperParams(epochs=15, lr=3e-3, batch_size=32), round_timeout=60.0, max_length=32,
+        train_on="server",  # the round these tests follow goes through the server (the board's default trains alone)
     )
     base.update(kw)
     return EdgeSettings(**base)  # type: ignore[arg-type]

@@ -143,7 +143,8 @@ def test_members_train_one_adapter_on_both_boards_samples(tmp_path, tiny_backbon
 
     def member(device: str, password: str, **kw: object):
         return edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, holdout_file=holdout,
-                             cohort="press", cohort_secret_file=secret, label_epsilon=float("inf"), **kw)
+                             cohort="press", cohort_secret_file=secret, label_epsilon=float("inf"),
+                             pool="activations", **kw)
 
     worker = start_worker(server_settings(mosquitto, redis_url, broker_accounts[SERVER_USER],
                                           cohorts_file=registry))
@@ -347,7 +348,7 @@ def test_a_cohort_run_survives_a_killed_worker_and_a_redis_restart(tmp_path, tin
                                worker_id="cohort-fault-1")
 
     def member(device: str, password: str, epochs: int):
-        return edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, cohort="mill",
+        return edge_settings(tmp_path, tiny_backbone, mosquitto, device, password, cohort="mill", pool="activations",
                              cohort_secret_file=secret, hyper=HyperParams(epochs=epochs, lr=3e-3, batch_size=8))
 
     first = ServerProcess(settings, tmp_path / "w1")

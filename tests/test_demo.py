@@ -76,6 +76,9 @@ def test_demo_keep_running_leaves_the_fleet_up_then_stops_it_all(tmp_path, tiny_
                 assert devices[dev]["last_round"]["holdout_accuracy"] == pytest.approx(last["tuned_accuracy"])
         with urllib.request.urlopen(metrics.group(1), timeout=10) as resp:
             assert resp.status == 200
+        # the two boards are one cohort: each adapter was trained on both boards' samples
+        for dev in ("board-1", "board-2"):
+            assert f"[demo] {dev}: adapter v2 of cohort demo, trained on 80 samples of 2 boards" in out, out
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)

@@ -137,7 +137,7 @@ def _board(tmp_path: Path, backbone: Path, **kw: object):
     task.write_text(TASK_TOML)
     settings = EdgeSettings(device_id="board-1", state_dir=tmp_path / "state", backbone_dir=backbone,  # type: ignore[arg-type]
                             task_file=task, out_dim=4, taps=[1, 2, 3, 4], max_length=32,
-                            hyper=HyperParams(epochs=1), **kw)
+                            hyper=HyperParams(epochs=1), **{"train_on": "server", **kw})
     model = LocalModel(settings)
     ledger = Ledger(model.state_dir / "state.db")
     sent: list[tuple[str, bytes, bool]] = []
@@ -219,8 +219,8 @@ def test_the_prediction_keeps_its_meaning_under_label_dp():
     a = keep − (1 − keep)/(C − 1) > 0: the same argmax as the clear posterior's. The server's trainer
     and the board's forward pass, on features where one direction decides the label."""
     from edge_agent.secret import DeviceSecret
-    from schemas.sidenet import SideNetForward
     from schemas import HyperParams, SideNetSpec
+    from schemas.sidenet import SideNetForward
     from side_server.trainer import train
 
     rng = np.random.default_rng(5)

@@ -72,6 +72,8 @@ def test_try_tunes_a_board_and_leaves_a_folder_that_keeps_working(tmp_path, tiny
             str(tmp_path / "try.json"),
             "--keep-running",
             "--set",
+            "train_on=server",  # the round through the server: bytes up and down to count
+            "--set",
             "label_epsilon=inf",
             "--set",
             "hyper.lr=0.003",

@@ -102,6 +102,7 @@ def real_round(backbone_dir: Path, task: TaskSpec, train: list[Review], workdir:
             f'device_id = "{BOARD}"\npassword = "{accounts[BOARD]}"\nbroker_port = {broker.port}\n'
             f'state_dir = "{state}"\nbackbone_dir = "{backbone_dir}"\ntask_file = "{workdir / "task.toml"}"\n'
             f'threads = {threads}\nmin_new_samples = 1000000\nround_timeout = 900\nlabel_epsilon = inf\n'
+            'train_on = "server"\n'
             f'out_dim = {spec.out_dim}\nbottleneck = {spec.bottleneck}\n\n[hyper]\nepochs = {epochs}\n')
         agent = spawn(["edge", "run", "--config", str(board_conf)], workdir / f"{BOARD}.log")
         procs.append(agent)
