@@ -43,6 +43,7 @@ from edge_agent.config import EdgeSettings
 from edge_agent.task import BackboneTokenizer, TaskSpec
 from schemas.errors import UsageError
 from schemas.files import atomic_write, private_dir
+from schemas.settings import load_settings
 from sidetune.demo import alive, follow, spawn, wait_healthy
 from sidetune.services import SERVER_USER, Mosquitto, RedisServer, free_port, stop_groups
 from sidetune.task_cli import DEFAULT_MAX_LENGTH, check_task, fit_lines, resolve_backbone
@@ -287,11 +288,20 @@ def _report(
         f"{row['zero_shot_accuracy']:.3f} before (the backbone alone), "
         f"{row['tuned_accuracy']:.3f} after (adapter v{row['adapter_version']})"
     )
-    say(
-        f"the board sent {row['bytes_up'] / 1e6:.2f} MB ({per:,.0f} B per training sample, "
-        f"{row['samples']} samples, {row['forward_passes']} forward passes) and got "
-        f"{row['bytes_down'] / 1e3:.1f} KB"
-    )
+    settings = load_settings(EdgeSettings, conf)
+    out["train_on"], out["label_epsilon"] = settings.train_on, settings.label_epsilon
+    if settings.train_on == "board":
+        say(
+            f'the board trained the side network itself (train_on = "board"): it sent no sample, '
+            f"label or activation ({row['samples']} samples, {row['forward_passes']} forward "
+            f"passes; {row['bytes_up']} B of the round's messages up, {row['bytes_down']} B down)"
+        )
+    else:
+        say(
+            f"the board sent {row['bytes_up'] / 1e6:.2f} MB ({per:,.0f} B per training sample, "
+            f"{row['samples']} samples, {row['forward_passes']} forward passes; labels at "
+            f"label_epsilon = {settings.label_epsilon:g}) and got {row['bytes_down'] / 1e3:.1f} KB"
+        )
     say(
         f"the round took {took['round_wall_s']:.0f} s from the agent's start to the adapter "
         f"installed and evaluated (the agent's own figure: {row['seconds']:.0f} s); "

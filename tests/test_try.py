@@ -74,6 +74,8 @@ def test_try_tunes_a_board_and_leaves_a_folder_that_keeps_working(tmp_path, tiny
             "--set",
             "train_on=server",  # the round through the server: bytes up and down to count
             "--set",
+            "train_on=server",  # through broker, Redis and worker (by default a board trains alone)
+            "--set",
             "label_epsilon=inf",
             "--set",
             "hyper.lr=0.003",
@@ -107,12 +109,14 @@ def test_try_tunes_a_board_and_leaves_a_folder_that_keeps_working(tmp_path, tiny
         assert (
             f"the board sent {report['bytes_up'] / 1e6:.2f} MB" in out and "the round took" in out
         )
+        assert "labels at label_epsilon = inf" in out
 
         # the board folder: absolute paths inside it, private files, and `edge predict` agrees with
         # the agent's own held-out figure
         conf = work / "board" / "edge.toml"
         settings = load_settings(EdgeSettings, conf)
         assert settings.label_epsilon == float("inf") and settings.hyper.lr == 0.003  # --set
+        assert settings.train_on == report["train_on"] == "server"
         log = (work / "board" / "agent.log").read_text()
         assert "labels sent as they are: label_epsilon = inf" in log
         for p in (
@@ -176,6 +180,34 @@ def test_try_tunes_a_board_and_leaves_a_folder_that_keeps_working(tmp_path, tiny
         reader.join(10)
     assert rc == 0, "".join(lines)
     assert "[try] stopping" in "".join(lines)
+
+
+@pytest.mark.integration
+def test_try_with_the_agents_defaults_trains_on_the_board(tmp_path, tiny_backbone):
+    """The agent's default (train_on = "board"): the round sends nothing, and try says so."""
+    task, train, holdout = files(tmp_path, train=40, holdout=20)
+    done = sidetune(
+        "try",
+        "--task",
+        str(task),
+        "--train",
+        str(train),
+        "--holdout",
+        str(holdout),
+        "--backbone",
+        str(tiny_backbone),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--epochs",
+        "3",
+        "--json",
+        str(tmp_path / "try.json"),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "try.json").read_text())
+    assert report["state"] == "done" and report["train_on"] == "board" and report["bytes_up"] == 0
+    assert 'the board trained the side network itself (train_on = "board")' in done.stdout
+    assert f"{report['tuned_accuracy']:.3f} after (adapter v1)" in done.stdout
 
 
 def test_try_checks_its_inputs_before_it_starts_anything(
