@@ -1,15 +1,16 @@
 """``sidetune try``: your own task, from three files to a tuned board on this one host.
 
     sidetune try --task task.toml --train train.jsonl --holdout test.jsonl [--backbone DIR]
-                 [--workdir DIR] [--epochs N] [--keep-running] [--json PATH]
+                 [--workdir DIR] [--epochs N] [--set KEY=VALUE ...] [--keep-running] [--json PATH]
 
 It checks the task against the backbone (``sidetune task check``: verbalizers one token each, the
 template's room, the texts that will be cut) and both files, then brings up what ``sidetune demo``
 brings up (sidetune/services.py, sidetune/demo.py): mosquitto and redis-server as child processes
 on free loopback ports, one ``sidetune server`` worker, and one board, ``sidetune edge run`` on a
 board folder of its own. The board reads the training file from its inbox, runs one round with the
-agent's defaults and evaluates the held-out file before and after; this prints the two accuracies,
-the bytes the board sent and got, and the time.
+agent's defaults (``train_on = "board"``: the board trains alone and the worker idles; ``--set
+train_on=server`` sends the round through it) and evaluates the held-out file before and after;
+this prints the two accuracies, the bytes the board sent and got, and the time.
 
 The work folder stays (``./sidetune-try`` by default)::
 
@@ -370,7 +371,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="a setting of the board's edge.toml, e.g. label_epsilon=inf, train_on=board, "
+        help="a setting of the board's edge.toml, e.g. train_on=server, label_epsilon=inf, "
         "hyper.lr=0.001 (repeatable; deploy/edge.example.toml lists them)",
     )
     p.add_argument("--json", default=None, help="also write the round's figures here")
