@@ -149,3 +149,15 @@ def test_an_unknown_baseline_is_a_usage_error(tmp_path):
         run_baselines(
             _shards()["iid"], tmp_path, backbone_dir=tmp_path, task=TASK, methods=["fedprox"]
         )
+
+
+def test_a_failing_server_app_stops_the_federation_with_its_error(tmp_path):
+    from sidetune.bench.flower_run import FederationFailed, run_federation
+
+    part = tmp_path / "board-0.npz"
+    np.savez(part, train_flat=np.arange(4), train_offsets=np.array([0, 4]), train_labels=np.array([0]))
+    cfg = {"model-dir": str(tmp_path / "no-model"), "verbalizer-ids": "1,2", "pad-id": 0, "boards": 1,
+           "rounds": 1, "local-epochs": 1, "lr": 3e-4, "batch-size": 8, "threads": 1, "seed": 0}
+    with pytest.raises(FederationFailed, match="the ServerApp failed: .*no-model"):
+        run_federation([part], cfg, tmp_path / "fed", 1, progress=lambda _m: None, timeout_s=300)
+    assert not _our_processes(str(tmp_path))

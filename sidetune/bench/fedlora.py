@@ -158,7 +158,18 @@ def _fedavg_counting() -> type:
 
 
 def server_main(grid: Any, context: Any) -> None:
-    """The ServerApp: FedAvg over the boards' LoRA adapters for ``rounds`` rounds."""
+    """The ServerApp: FedAvg over the boards' LoRA adapters for ``rounds`` rounds; an error is
+    written to ``error.json`` (the bench stops at once instead of waiting) and raised again."""
+    out = Path(str(context.run_config["out-dir"]))
+    try:
+        _server_main(grid, context)
+    except BaseException as e:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "error.json").write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        raise
+
+
+def _server_main(grid: Any, context: Any) -> None:
     import torch
     from flwr.app import ArrayRecord, ConfigRecord
     from safetensors.torch import save_file

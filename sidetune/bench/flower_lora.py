@@ -59,6 +59,10 @@ KEYS = (
     "time_to_adapter_s",
 )
 LORA = {"lr": 3e-4, "batch_size": 8}  # as bench compare's LoRA
+#: What LoRA costs here (SmolLM2-135M, news prompts, 1 torch thread), measured by this module's run
+#: on the news shards: CPU-s per training sample-epoch, per held-out sample scored, per process
+#: start (imports and the model), and the wall seconds a Flower round adds (polling, start-ups).
+COSTS = {"train": 0.62, "score": 0.22, "start": 15.0, "round_overhead_s": 30.0}
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,28 @@ class LoraBudget:
     concurrency: int = 2  # board processes training at once (2 cores)
     board_threads: int = 1
     central_threads: int = 2
+
+    def estimate(self, boards: int, per_board: int, holdout: int) -> dict[str, dict[str, float]]:
+        """Each row's CPU seconds and wall minutes on an idle 2-core machine, from COSTS (SmolLM2
+        on the news task; every LoRA epoch scored, as lora_child scores it; the most epochs)."""
+        c = COSTS
+        n = boards if self.alone_boards is None else min(self.alone_boards, boards)
+        e = self.alone_max_epochs
+        board = c["start"] + e * (per_board * c["train"] + holdout * c["score"])
+        fl_client = c["start"] + self.flower_local_epochs * per_board * c["train"]
+        fl_score = c["start"] + (self.flower_rounds + 1) * holdout * c["score"]
+        waves = -(-boards // self.concurrency)  # rounds of clients training two at a time
+        fl_wall = self.flower_rounds * (waves * fl_client + c["round_overhead_s"]) + fl_score / 2
+        central = c["start"] + self.central_max_epochs * (boards * per_board * c["train"] +
+                                                          holdout * c["score"])
+        return {
+            "lora_alone": {"cpu_s": n * board, "wall_min": -(-n // self.concurrency) * board / 60},
+            "flower_fedavg_lora": {
+                "cpu_s": self.flower_rounds * boards * fl_client + fl_score + c["start"],
+                "wall_min": (fl_wall + c["start"]) / 60,
+            },
+            "central_lora": {"cpu_s": central, "wall_min": central / 2 / 60},
+        }
 
 
 QUICK = LoraBudget(

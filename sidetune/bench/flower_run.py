@@ -111,6 +111,32 @@ def _toml_value(v: Any) -> str:
     )
 
 
+def _run_id(stdout: str) -> int:
+    try:
+        return int(json.loads(stdout)["run-id"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FederationFailed(
+            f"flwr run did not say which run it started: {stdout[-300:]!r}"
+        ) from e
+
+
+def _run_info(bin_dir: Path, cli_home: Path, threads: int, run_id: int) -> dict[str, Any]:
+    """The run as ``flwr ls`` gives it: ``status`` (``running``, ``finished:completed`` ...),
+    ``network-traffic`` (the SuperLink's own count of the run's bytes) ...; {} if it cannot say."""
+    res = subprocess.run(
+        [str(bin_dir / "flwr"), "ls", "bench", "--run-id", str(run_id), "--format", "json"],
+        env=_env(cli_home, threads),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        runs = json.loads(res.stdout).get("runs", [])
+        return dict(runs[0]) if runs else {}
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -232,10 +258,23 @@ def run_federation(
             raise FederationFailed(
                 f"flwr run failed ({sub.returncode}): {(sub.stdout + sub.stderr)[-600:]}"
             )
-        progress(f"flower: submitted the run ({sub.stdout.strip()[:120]})")
+        run_id = _run_id(sub.stdout)
+        progress(f"flower: submitted run {run_id}")
         end = time.monotonic() + timeout_s
-        seen = 0
+        seen, next_check = 0, time.monotonic() + 20
         while not (out / "done.json").exists():
+            if (out / "error.json").exists():
+                raise FederationFailed(
+                    f"the ServerApp failed: {(out / 'error.json').read_text()[-600:]}"
+                )
+            if time.monotonic() > next_check:  # a run Flower ended without our ServerApp's word
+                next_check = time.monotonic() + 30
+                status = str(_run_info(bin_dir, cli_home, threads, run_id).get("status", ""))
+                if status.startswith("finished") and not (out / "done.json").exists():
+                    raise FederationFailed(
+                        f"the Flower run ended ({status}) before its last round: "
+                        f"{_tail(work / 'superlink.log')}"
+                    )
             dead = [p for p in procs if p.poll() is not None]
             if dead:
                 log_path = Path(logs[procs.index(dead[0])].name)
@@ -265,12 +304,22 @@ def run_federation(
                     "processes": len(figs),
                 }
             )
+        info: dict[str, Any] = {}
+        for _ in range(10):  # the SuperLink's own traffic count, once the ServerApp has ended
+            info = _run_info(bin_dir, cli_home, threads, run_id)
+            if str(info.get("status", "")).startswith("finished"):
+                break
+            time.sleep(3)
     finally:
         _stop(procs)
         for log in logs:
             log.close()
     rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    return _figures(rounds, node_figs, t_run)
+    fig = _figures(rounds, node_figs, t_run)
+    fig["flower_run"] = {
+        k: info.get(k) for k in ("run-id", "status", "network-traffic", "compute-time")
+    }
+    return fig
 
 
 def _figures(

@@ -13,6 +13,10 @@ training stops once an epoch does not improve it, or after ``max_epochs``. The j
 those of the best epoch: CPU seconds from the start of the process (imports and model loading
 included, as for the board's forward passes) to the end of that epoch's training, and the peak RSS
 by then.
+
+``LoraModel`` is that model and its training and scoring, shared with ``sidetune bench cohort``'s
+LoRA baselines (sidetune/bench/flower_lora.py: each board alone, central, and Flower's ClientApp,
+which also reads and sets the adapter's tensors alone).
 """
 
 from __future__ import annotations
