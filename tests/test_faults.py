@@ -400,7 +400,7 @@ def test_agent_killed_mid_upload_and_started_again(fleet, tmp_path):
             f'backbone_dir = "{settings.backbone_dir}"\ntask_file = "{settings.task_file}"\n'
             f'max_length = {settings.max_length}\nmin_new_samples = {settings.min_new_samples}\n'
             f'upload_batch = {settings.upload_batch}\nout_dim = {settings.out_dim}\ntaps = {list(settings.taps or [])}\n'
-            f'round_timeout = {settings.round_timeout}\n\n'
+            f'round_timeout = {settings.round_timeout}\ntrain_on = "{settings.train_on}"\n\n'
             f'[hyper]\nepochs = {h.epochs}\nlr = {h.lr}\nbatch_size = {h.batch_size}\n')
         proc = spawn(["edge", "run", "--config", str(conf)], tmp_path / "edge.log")
         write_jsonl(settings.state_dir / "inbox" / "a.jsonl", make_samples(N, seed=1))
