@@ -117,3 +117,67 @@ def test_sidetune_export_builds_a_named_graph(tmp_path, capsys, fp32):
     with pytest.raises(SystemExit) as e:  # argparse: not a graph it builds
         main(["export", "--model", manifest.source, "--out", str(tmp_path / "h"), "--quantize", "int3"])
     assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_quantized_graphs(tmp_path):
+    """SmolLM2-135M: the smoothed graph is the same function in fp32, and the quantized graphs' last-layer
+    pivot states stay close to fp32's on chat-format prompts (measured: int8-sq-w8 0.996, w8b32 0.9997,
+    the int8 graph 0.98; README, backbone benchmark)."""
+    from backbone_export import export_backbone
+    from backbone_export.quantize import calibration_sequences, quantize_graph
+    from backbone_export.smooth import smooth_graph
+
+    out = tmp_path / "smol"
+    manifest = export_backbone("smollm2-135m", out, progress=lambda _m: None)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    texts = ["<|im_start|>user\nIs this review positive or negative?\n\nA gorgeous, witty, seductive movie."
+             "<|im_end|>\n<|im_start|>assistant\nThe review is",
+             "<|im_start|>user\nWhich outlet published this?\n\nThe central bank held rates steady on "
+             "Thursday.<|im_end|>\n<|im_start|>assistant\nThe outlet is"]
+    seqs = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    ref = _run(out / "backbone.onnx", seqs, manifest.pad_token_id)
+    model = onnx.load(str(out / "backbone.onnx"))
+    calib = calibration_sequences(out / "tokenizer.json", list(manifest.prefix_ids), list(manifest.suffix_ids))
+    smooth_graph(model, calib, 0.7)
+    smoothed = tmp_path / "smoothed.onnx"
+    onnx.save(model, str(smoothed))
+    same = _run(smoothed, seqs, manifest.pad_token_id)
+    assert rel_error(same["pivot_states"], ref["pivot_states"]) <= 1e-3
+    for graph, floor in (("int8-sq-w8", 0.99), ("w8b32", 0.999)):
+        q = tmp_path / f"{graph}.onnx"
+        quantize_graph(out / "backbone.onnx", q, graph, calibration=calib)
+        got = _run(q, seqs, manifest.pad_token_id)
+        assert min_cosine(got["pivot_states"][:, -1], ref["pivot_states"][:, -1]) > floor, graph
+
+
+def test_graph_bench_on_the_tiny_llama(tmp_path, fp32):
+    """python -m sidetune.bench.graphs: each graph's forward CPU and held-out accuracy beside fp32's on the
+    same split and seeds; a second run reuses what the first measured."""
+    import json
+
+    from sidetune.bench.graphs import main, run_graphs
+
+    backbone, manifest = fp32
+    task = tmp_path / "task.toml"
+    task.write_text('name = "tiny-sentiment"\ntemplate = "Review: {text}\\nSentiment:"\n'
+                    'classes = ["fresh", "rotten"]\nverbalizers = [" positive", " negative"]\n')
+    lines: list[str] = []
+    out = tmp_path / "out"
+    r = run_graphs(backbone, ["w8b32"], [str(task)], out, train=24, holdout=16, seeds=1, progress=lines.append)
+    t = r["tasks"][0]
+    assert (t["train"], t["holdout"]) == (24, 16) and list(t["graphs"]) == ["fp32", "w8b32"]
+    g, f = t["graphs"]["w8b32"], t["graphs"]["fp32"]
+    assert g["fingerprint"] != f["fingerprint"] == manifest.fingerprint
+    assert 0 <= g["accuracy"] <= 1 and g["fp32_accuracy_same_seeds"] == f["accuracy"]
+    assert g["cpu_s_per_sample"] > 0 and g["device_peak_rss_mb"] > 50
+    assert json.loads((out / "graphs.json").read_text()) == json.loads(json.dumps(r))
+    assert "| w8b32 |" in lines[-1] and "(1.00×)" in lines[-1]
+    again: list[str] = []
+    r2 = run_graphs(backbone, ["w8b32"], [str(task)], out, train=24, holdout=16, seeds=1, progress=again.append)
+    assert sum("measured earlier" in m for m in again) == 2
+    assert r2["tasks"][0]["graphs"]["w8b32"]["accuracy"] == g["accuracy"]  # same features, same seeds
+    with pytest.raises(SystemExit):  # argparse: not a graph
+        main(["--backbone", str(backbone), "--graph", "nope"])

@@ -187,6 +187,7 @@ def _worker(engine: str, model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
                 "samples_per_s": round(b / med, 2),
                 "cpu_ms_per_sample": round(float(np.median(cpu)) * 1000 / b, 2),
                 "gflops": round(flops / med / 1e9, 3),  # achieved, per wall second (all threads)
+                "gflops_per_cpu_s": round(flops / max(float(np.median(cpu)), 1e-9) / 1e9, 3),
                 "peak_rss_mb": round(peak, 1),
                 "peak_over_loaded_mb": round(peak - rss_loaded, 1),
                 "rss_before_mb": round(rss_before, 1),
@@ -321,6 +322,11 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(
                 f"onnx-fp32 forward pass: {best['gflops']:.0f} GFLOP/s at batch {best['batch']} x "
                 f"{best['seq']} ({100 * best['gflops'] / hw['gemm_peak_gflops']:.0f} % of the fp32 GEMM peak)")
+        g = hw.get("gemm") or {}
+        if g.get("fp32_per_cpu_s"):
+            lines.append(f"per CPU-second (all threads; a busy machine does not distort it): GEMM fp32 "
+                         f"{g['fp32_per_cpu_s']:.0f} GFLOP, int8 {g['int8_per_cpu_s']:.0f} GOP; the forward "
+                         "passes' in the JSON (gflops_per_cpu_s)")
     if result.get("load_average_before") is not None:
         lines.append(
             f"load average before/after: {result['load_average_before']} / "

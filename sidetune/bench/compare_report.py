@@ -225,7 +225,9 @@ def write_report(results: dict[str, Any], details: list[dict[str, Any]], setup: 
                 f"{g} {v:.0f} GFLOP/s" for g, v in d["forward_gflops"].items()) + f" against ONNX Runtime's GEMM "
                 f"peak on the backbone's shapes, fp32 {hw['gemm_peak_gflops']:.0f} GFLOP/s (fp32 graph at "
                 f"{100 * d['forward_gflops']['fp32'] / hw['gemm_peak_gflops']:.0f} %), int8 "
-                f"{hw['gemm_peak_int8_gops']:.0f} GOP/s")
+                f"{hw['gemm_peak_int8_gops']:.0f} GOP/s; per CPU-second " + ", ".join(
+                f"{g} {v:.0f}" for g, v in d["forward_gflops_per_cpu_s"].items()) + " GFLOP against the GEMM's "
+                f"fp32 {hw['gemm_peak_gflops_per_cpu_s']:.0f} / int8 {hw['gemm_peak_int8_gops_per_cpu_s']:.0f}")
         a = d["accuracies"]
         if a.get("sidetune_no_label_dp"):
             notes.append(f"- sidetune is scored on the agent's default path: labels randomised at ε = "
