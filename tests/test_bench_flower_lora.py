@@ -155,9 +155,35 @@ def test_a_failing_server_app_stops_the_federation_with_its_error(tmp_path):
     from sidetune.bench.flower_run import FederationFailed, run_federation
 
     part = tmp_path / "board-0.npz"
-    np.savez(part, train_flat=np.arange(4), train_offsets=np.array([0, 4]), train_labels=np.array([0]))
-    cfg = {"model-dir": str(tmp_path / "no-model"), "verbalizer-ids": "1,2", "pad-id": 0, "boards": 1,
-           "rounds": 1, "local-epochs": 1, "lr": 3e-4, "batch-size": 8, "threads": 1, "seed": 0}
+    np.savez(
+        part, train_flat=np.arange(4), train_offsets=np.array([0, 4]), train_labels=np.array([0])
+    )
+    cfg = {
+        "model-dir": str(tmp_path / "no-model"),
+        "verbalizer-ids": "1,2",
+        "pad-id": 0,
+        "boards": 1,
+        "rounds": 1,
+        "local-epochs": 1,
+        "lr": 3e-4,
+        "batch-size": 8,
+        "threads": 1,
+        "seed": 0,
+    }
     with pytest.raises(FederationFailed, match="the ServerApp failed: .*no-model"):
         run_federation([part], cfg, tmp_path / "fed", 1, progress=lambda _m: None, timeout_s=300)
     assert not _our_processes(str(tmp_path))
+
+
+def test_the_budget_estimates_each_row():
+    from sidetune.bench.flower_lora import FULL, QUICK, LoraBudget
+
+    full = FULL.estimate(8, 250, 400)
+    assert list(full) == ["lora_alone", "flower_fedavg_lora", "central_lora"]
+    assert all(v["cpu_s"] > 0 and v["wall_min"] > 0 for v in full.values())
+    more = LoraBudget(alone_boards=None, flower_rounds=2).estimate(8, 250, 400)
+    assert more["lora_alone"]["cpu_s"] == pytest.approx(
+        4 * full["lora_alone"]["cpu_s"]
+    )  # 8 boards, not 2
+    assert more["flower_fedavg_lora"]["wall_min"] > 1.8 * full["flower_fedavg_lora"]["wall_min"]
+    assert QUICK.estimate(8, 250, 400)["central_lora"]["cpu_s"] < full["central_lora"]["cpu_s"] + 1

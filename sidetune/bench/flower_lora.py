@@ -62,7 +62,7 @@ LORA = {"lr": 3e-4, "batch_size": 8}  # as bench compare's LoRA
 #: What LoRA costs here (SmolLM2-135M, news prompts, 1 torch thread), measured by this module's run
 #: on the news shards: CPU-s per training sample-epoch, per held-out sample scored, per process
 #: start (imports and the model), and the wall seconds a Flower round adds (polling, start-ups).
-COSTS = {"train": 0.62, "score": 0.22, "start": 15.0, "round_overhead_s": 30.0}
+COSTS = {"train": 0.74, "score": 0.24, "start": 7.0, "round_overhead_s": 30.0}
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class LoraBudget:
 
     alone_boards: int | None = 2  # None: every board
     alone_max_epochs: int = 2
-    flower_rounds: int = 2
+    flower_rounds: int = 1
     flower_local_epochs: int = 1
     central_max_epochs: int = 1
     concurrency: int = 2  # board processes training at once (2 cores)
