@@ -13,6 +13,9 @@ another subprocess, so torch's number is its inference memory, not the
 de-quantization transient.
 
 Command line: ``python -m sidetune.bench.backbone BACKBONE_DIR [--json out.json]``.
+
+(Over 400 lines: the worker processes, their protocol and the table are one unit; the FLOP counting
+and the GEMM peak live in sidetune/bench/flops.py.)
 """
 
 from __future__ import annotations
