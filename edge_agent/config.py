@@ -75,6 +75,13 @@ class EdgeSettings(FileThenEnv):
     #: the cohort's network on its own states and clean labels and sends only the change of its
     #: weights; the server averages the members' changes; nothing per sample leaves the board).
     pool: Literal["activations", "weights"] = "weights"
+    #: FedAvg rounds per agent round of a federated member: after the cohort's average arrives, the
+    #: board trains again from it on its cached states (no forward pass) and sends another update,
+    #: this many times in all, then installs the last average and evaluates it. Measured on the news
+    #: task over 8 boards (`sidetune bench cohort`'s shards, IID): 1 round 0.552, 3 rounds 0.594,
+    #: 6 rounds 0.616 held-out accuracy; each round costs the board about 0.25 CPU-s of training and
+    #: one update up and one adapter down (415 KB each with SmolLM2's side network).
+    federated_rounds: int = Field(default=3, ge=1, le=100)
     hyper: HyperParams = HyperParams()
     #: Optional held-out JSONL ({"text", "label"}) to evaluate each new adapter on.
     holdout_file: Path | None = None

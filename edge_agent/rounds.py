@@ -64,6 +64,7 @@ class Round:
     last_heard: float
     uploaded: dict[str, float] = field(default_factory=dict)  # key -> when queued
     training: bool = False
+    iteration: int = 1  # a federated round's FedAvg round (its update's job id says it too)
 
     @property
     def keys(self) -> list[str]:
@@ -156,14 +157,17 @@ class Rounds:
         self._install(rnd, [s.key for s in everything], update, t0, keep_states=True)
         return rnd
 
-    def _federated(self, t0: float, passes: int, forward_cpu: float) -> int | None:
+    def _federated(self, t0: float, passes: int, forward_cpu: float, rnd: int | None = None,
+                   iteration: int = 1) -> int | None:
         """A federated cohort member: train the cohort's network on the board (clean labels, nothing
         per sample leaves it) and send only the change of its weights; the cohort's average comes
-        back as the next adapter (edge_agent's usual install)."""
+        back as the next adapter, and the board trains from it again (``federated_rounds``)."""
         everything = self.ledger.samples("prior IS NOT NULL")
-        rnd = self.ledger.new_round("federated", len(everything), self.ledger.count_new())
-        job_id = f"fed-r{rnd}-{uuid.uuid4().hex[:8]}"
-        self.ledger.update_round(rnd, job_id=job_id, state="training", forward_passes=passes, started=t0)
+        if rnd is None:
+            rnd = self.ledger.new_round("federated", len(everything), self.ledger.count_new())
+            self.ledger.update_round(rnd, forward_passes=passes, started=t0)
+        job_id = f"fed-r{rnd}-i{iteration}-{uuid.uuid4().hex[:8]}"
+        self.ledger.update_round(rnd, job_id=job_id, state="training")
         got = self._local_training(rnd, everything, forward_cpu)
         if got is None:
             return None
@@ -178,11 +182,12 @@ class Rounds:
         t, payload = encode(update)
         self.ledger.update_round(rnd, state="sent", job_payload=payload)
         self.send([(t, payload, False)], rnd)
-        self.current = Round(rnd, update, t0, time.time())
-        self.ledger.set_meta("activity", f"round {rnd}: update sent, waiting for the cohort's average")
-        log.info("round %d: update %s sent to cohort %s (%d samples, %.1f KB, from v%d; board training %.2f CPU-s)",
-                 rnd, job_id, self.s.cohort, len(everything), len(payload) / 1024, self.model.adapter_version,
-                 metrics["board_train_cpu_s"])
+        self.current = Round(rnd, update, t0, time.time(), iteration=iteration)
+        self.ledger.set_meta("activity", f"round {rnd}: update {iteration}/{self.s.federated_rounds} sent, "
+                                         "waiting for the cohort's average")
+        log.info("round %d: update %d/%d (%s) sent to cohort %s (%d samples, %.1f KB, from v%d; board training "
+                 "%.2f CPU-s)", rnd, iteration, self.s.federated_rounds, job_id, self.s.cohort, len(everything),
+                 len(payload) / 1024, self.model.adapter_version, metrics["board_train_cpu_s"])
         return rnd
 
     def _local_training(self, rnd: int, everything: list[Sample],
@@ -245,7 +250,9 @@ class Rounds:
         kind = "updates" if str(row["job_id"]).startswith("fed-") else "jobs"
         job = decode(topic(self.s.device_id, kind), row["job_payload"])
         assert isinstance(job, (Job, WeightUpdate))
-        self.current = Round(int(row["round"]), job, float(row["started"] or time.time()), time.time())
+        iteration = int(str(row["job_id"]).split("-")[2][1:]) if kind == "updates" else 1  # fed-rN-iK-hex
+        self.current = Round(int(row["round"]), job, float(row["started"] or time.time()), time.time(),
+                             iteration=iteration)
         log.info("resuming round %d (job %s); asking the server where it stands", self.current.number, job.job_id)
         self.resend_job()
 
@@ -321,6 +328,17 @@ class Rounds:
 
     def _finish(self, r: Round, update: AdapterUpdate) -> None:
         if isinstance(r.job, WeightUpdate):  # the cohort's average: the board trains on these states again
+            if r.iteration < self.s.federated_rounds:
+                try:
+                    self.model.install(update)
+                except SpecMismatch as e:
+                    self._fail_number(r.number, str(e))
+                    return
+                log.info("round %d: the cohort's v%d (average %d/%d) installed; training from it again", r.number,
+                         update.version, r.iteration, self.s.federated_rounds)
+                self.current = None
+                self._federated(r.started, 0, 0.0, rnd=r.number, iteration=r.iteration + 1)
+                return
             keys = [s.key for s in self.ledger.samples("prior IS NOT NULL AND round IS NULL")]
             self._install(r.number, keys, update, r.started, keep_states=True)
         else:
