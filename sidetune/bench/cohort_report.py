@@ -87,6 +87,11 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
             parts.append("\n".join(f"- {'✔' if ok else ('✘' if ok is not None else '·')} {what}: {fig}"
                                    for what, ok, fig in t) + "\n")
         sr = r["details"]["side_rows"]
+        fed = sr.get("cohort_federated", {})
+        if fed.get("by_round"):
+            parts.append("The federated cohort round by round (held-out accuracy, mean / worst board): " + ", ".join(
+                f"{i + 1}: {m:.3f} / {w:.3f}" for i, (m, w) in enumerate(fed["by_round"]))
+                + f" (the row: the agent's default, {fed['rounds']} rounds).\n")
         if "pooled_hostile_member" in sr:
             parts.append(f"One hostile member of {s['boards']} (board 0 sends its targets negated and 10× too large; "
                          f"targets clipped, equal shares): the other boards' mean accuracy "
