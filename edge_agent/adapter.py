@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.sidenet import SideNetForward
 from schemas.adapter import AdapterUpdate
 from schemas.errors import SpecMismatch
 from schemas.files import atomic_write
+from schemas.sidenet import SideNetForward
 from schemas.spec import SideNetSpec
 
 

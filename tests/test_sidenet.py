@@ -8,9 +8,9 @@ import torch
 
 from edge_agent.config import EdgeSettings
 from edge_agent.secret import DeviceSecret
-from schemas.sidenet import SideNetForward
 from schemas import HyperParams, SideNetSpec, WeightsError, decode_weights, expected_shapes
 from schemas.schedule import EpochReport
+from schemas.sidenet import SideNetForward
 from side_server.sidenet import SideNet
 from side_server.trainer import train
 
