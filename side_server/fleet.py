@@ -1,7 +1,7 @@
 """What the operator's views show of the fleet, kept in Redis: the writer (the workers) and the readers.
 
 ``sidetune fleet`` and the dashboard read ONLY through :func:`fleet_snapshot`, :func:`device_detail` and
-:func:`job_detail` (their shape: /work/notes/fleet-contract.md, repeated in the README). The workers
+:func:`job_detail` (their shape: the README's "Seeing the fleet", and ``sidetune fleet --json``). The workers
 write through :class:`FleetLog`; a write that fails (Redis full or away) is dropped: these records
 are for people to look at, never what a job depends on.
 

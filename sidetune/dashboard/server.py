@@ -11,8 +11,8 @@ Routes (every one behind the bearer token when the dashboard has one):
   changes (checked every ``interval`` seconds), a comment every 15 s to keep proxies from closing it;
 * ``GET /healthz`` -- 200 ``{"ok": true}`` when Redis answers, 503 with the reason otherwise.
 
-Redis is only read, and only through ``side_server.fleet`` (the data contract of
-/work/notes/fleet-contract.md). A Redis that stops answering makes the API answer 503 with the
+Redis is only read, and only through ``side_server.fleet`` (its snapshot functions are the
+data contract). A Redis that stops answering makes the API answer 503 with the
 reason and the page show it; the page recovers by itself when Redis returns.
 """
 
