@@ -93,6 +93,18 @@ class FederatedStore:
                                float(h[b"at"])))
         return out
 
+    def oldest(self, cohort: str, members: list[str]) -> float | None:
+        """When the oldest waiting update of these members arrived (None: none waits); reads only
+        the updates' arrival times, not their changes."""
+        devs = [d for d in self.pending(cohort) if d in members]
+        if not devs:
+            return None
+        pipe = self.r.pipeline(transaction=False)
+        for d in devs:
+            pipe.hget(ckey("fedup", cohort, d), "at")
+        at = [float(v) for v in pipe.execute() if v is not None]
+        return min(at) if at else None
+
     def applied(self, cohort: str, taken: list[Pending]) -> None:
         """These updates are in the cohort's adapter now: a resend of one is not averaged again."""
         pipe = self.r.pipeline(transaction=True)
@@ -191,10 +203,8 @@ class Federation:
         self._next_due = time.monotonic() + 1.0
         now = time.time()
         for cohort, members in self.registry.cohorts().items():
-            if not self.fed.pending(cohort):
-                continue
-            waiting = self.fed.take(cohort, members)
-            if waiting and now - min(p.at for p in waiting) >= self.wait:
+            first = self.fed.oldest(cohort, members)
+            if first is not None and now - first >= self.wait:
                 self.average(cohort)
 
     def average(self, cohort: str) -> int | None:

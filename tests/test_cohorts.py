@@ -385,3 +385,45 @@ def test_a_cohort_run_survives_a_killed_worker_and_a_redis_restart(tmp_path, tin
             second.stop()
         for d in (a, b):
             clear_device(mqtt_client, d, ["cohort-fault-1", "cohort-fault-2"])
+
+
+@pytest.mark.integration
+def test_a_federated_average_waits_for_every_member_or_for_federated_wait(tmp_path, redis_url):
+    import redis
+
+    from schemas import encode_weights
+    from schemas.adapter import AdapterUpdate
+    from schemas.sidenet import init_weights
+    from schemas.spec import SideNetSpec
+    from schemas.updates import WeightUpdate
+    from side_server.cohorts import CohortStore
+    from side_server.federated import Federation
+
+    spec = SideNetSpec(num_states=3, width=8, taps=(1, 2), bottleneck=2, out_dim=4)
+    registry, _ = _cohort(tmp_path, "line", ["m-1", "m-2", "m-3"])
+    sent: list[tuple[object, bool]] = []
+    r = redis.Redis.from_url(redis_url)
+    fed = Federation(r, CohortRegistry(registry), CohortStore(r), lambda m, retain: sent.append((m, retain)),
+                     worker_id="w", max_share=0.0, wait=0.5, clip=0.0, noise_multiplier=0.0)
+    ones = {k: np.ones_like(v) for k, v in init_weights(spec, 0).items()}
+
+    def update(dev: str, job: str) -> WeightUpdate:
+        return WeightUpdate(device_id=dev, job_id=job, cohort="line", backbone_fingerprint="ab" * 32, spec=spec,
+                            base_version=0, samples=10, delta=encode_weights(ones, spec))
+
+    fed.on_update(update("m-1", "fed-r1-i1-a"))
+    fed.on_update(update("m-2", "fed-r1-i1-b"))
+    assert not [m for m, _ in sent if isinstance(m, AdapterUpdate)]  # m-3 has sent nothing yet
+    fed.due()
+    assert not [m for m, _ in sent if isinstance(m, AdapterUpdate)]  # nor is the wait over
+    time.sleep(0.6)
+    fed._next_due = 0.0
+    fed.due()
+    adapters = [m for m, retain in sent if isinstance(m, AdapterUpdate) and retain]
+    assert sorted(a.device_id for a in adapters) == ["m-1", "m-2", "m-3"] and {a.version for a in adapters} == {1}
+    assert {a.job_id for a in adapters if a.device_id == "m-1"} == {"fed-r1-i1-a"}  # its round finishes
+    # a resent update that was averaged already is answered with the adapter, not averaged again
+    fed.on_update(update("m-1", "fed-r1-i1-a"))
+    assert fed.fed.pending("line") == {} and CohortStore(r).version("line") == 1
+    assert isinstance(sent[-1][0], AdapterUpdate) and sent[-1][0].job_id == "fed-r1-i1-a"
+    r.close()
