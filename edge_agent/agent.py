@@ -16,6 +16,7 @@ can. Credentials the broker refuses, or a certificate that does not verify, are
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from edge_agent.adapter import InstalledAdapter
 from edge_agent.backbone import Backbone
 from edge_agent.config import EdgeSettings
 from edge_agent.ingest import ingest_inbox
+from edge_agent.label_dp import keep_probability
 from edge_agent.ledger import Ledger
 from edge_agent.metrics import EdgeMetrics, figures
 from edge_agent.model import LocalModel
@@ -57,6 +59,22 @@ __version__ = _agent_version()
 TRAIN_REQUEST = "train.request"
 EVENT_QUEUE = 256
 
+
+
+def privacy_summary(s: EdgeSettings, num_classes: int) -> str:
+    """One line: what this board's settings let leave it, and what that keeps of the labels."""
+    if s.cohort is not None and s.pool == "weights":
+        return (f"a federated member of cohort {s.cohort}: only changes of the side network's weights leave the "
+                f"board ({s.federated_rounds} per round), no sample, target or label")
+    if s.cohort is None and s.train_on == "board":
+        return "the board trains its side network itself (train_on = \"board\"): no job, target or activation leaves it"
+    where = f"pooled in cohort {s.cohort}" if s.cohort else "trained by the server"
+    if math.isinf(s.label_epsilon):
+        return f"{where}: labels sent as they are in mixed targets (label_epsilon = inf: no label-DP)"
+    keep = keep_probability(s.label_epsilon, num_classes)
+    return (f"{where}: label-DP at ε = {s.label_epsilon:g} keeps a label with probability {keep:.3f} for "
+            f"{num_classes} classes ({1 - keep:.0%} of the labels sent are wrong; the more classes, the more it "
+            "costs: train_on = \"board\" or a federated cohort sends no label)")
 
 class EdgeAgent:
     def __init__(self, settings: EdgeSettings, *, connect: bool = True) -> None:
@@ -186,6 +204,7 @@ class EdgeAgent:
             log.info("edge agent %s up: backbone %s, adapter v%d, %d pending outbox messages, broker %s",
                      self.s.device_id, self.model.backbone.fingerprint[:12], self.model.adapter_version,
                      self.outbox.pending(), "connected" if self.transport.connected.is_set() else "not yet reached")
+            log.info("privacy: %s", privacy_summary(self.s, self.model.task.num_classes))
             while not self.stopping.is_set():
                 self.step()
                 self.watchdog.pet()

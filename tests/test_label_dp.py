@@ -242,3 +242,19 @@ def test_the_prediction_keeps_its_meaning_under_label_dp():
     clear, dp = (float(np.mean(preds[e] == y[te])) for e in (math.inf, 2.0))
     assert clear > 0.9 and dp > clear - 0.03, (clear, dp)
     assert np.mean(preds[math.inf] == preds[2.0]) > 0.95
+
+
+@pytest.mark.edge
+def test_the_agent_says_at_start_what_its_privacy_setting_lets_leave_the_board(tmp_path):
+    from edge_agent.agent import privacy_summary
+
+    base = dict(device_id="b-1", state_dir=tmp_path, backbone_dir=tmp_path, task_file=tmp_path / "t.toml")
+    assert "no job, target or activation leaves it" in privacy_summary(EdgeSettings(**base), 2)  # the default
+    server = privacy_summary(EdgeSettings(**base, train_on="server"), 7)
+    assert "ε = 2 keeps a label with probability 0.552 for 7 classes (45% of the labels sent are wrong" in server
+    assert "probability 0.881 for 2 classes" in privacy_summary(EdgeSettings(**base, train_on="server"), 2)
+    assert "no label-DP" in privacy_summary(EdgeSettings(**base, train_on="server", label_epsilon=math.inf), 2)
+    fed = privacy_summary(EdgeSettings(**base, cohort="line", cohort_secret_file=tmp_path / "c.json"), 7)
+    assert "federated member of cohort line: only changes of the side network's weights" in fed
+    pooled = privacy_summary(EdgeSettings(**base, cohort="line", pool="activations"), 5)
+    assert pooled.startswith("pooled in cohort line: label-DP at ε = 2 keeps a label with probability 0.649")
