@@ -36,6 +36,7 @@ from typing import Any, cast
 import numpy as np
 import redis
 
+from schemas.adapter import AdapterUpdate
 from schemas.errors import ConfigurationError
 from schemas.spec import SideNetSpec
 from schemas.topics import check_device_id
@@ -246,6 +247,19 @@ class CohortStore:
         if not h or b"weights" not in h:
             return None
         return bytes(h[b"weights"]), json.loads(h.get(b"meta", b"{}"))
+
+    def current_for(self, cohort: str, device: str, has: int, job_id: str | None = None) -> AdapterUpdate | None:
+        """The cohort's current adapter addressed to ``device``, if it is newer than the device's
+        version ``has`` (None otherwise). ``job_id``: the one it carries (default: the run's)."""
+        v = self.version(cohort)
+        got = self.adapter(cohort, v) if v > has else None
+        task = self.task(cohort)
+        if got is None or task is None:
+            return None
+        weights, meta = got
+        return AdapterUpdate(device_id=device, job_id=job_id or meta.get("job_id", f"cohort-v{v}"), version=v,
+                             base_version=has, backbone_fingerprint=task[0], spec=task[1], weights=weights,
+                             metrics=meta.get("metrics", {}))
 
     def task(self, cohort: str) -> tuple[str, SideNetSpec] | None:
         h = cast(dict[bytes, bytes], self.r.hgetall(ckey("cohort", cohort)))

@@ -242,9 +242,6 @@ class Federation:
             self.fed.unlock(cohort, self.worker_id)
 
     def _resend_current(self, u: WeightUpdate) -> None:
-        v = self.cohorts.version(u.cohort)
-        got = self.cohorts.adapter(u.cohort, v) if v > u.base_version else None
-        if got is not None:
-            self.send(AdapterUpdate(device_id=u.device_id, job_id=u.job_id, version=v, base_version=u.base_version,
-                                    backbone_fingerprint=u.backbone_fingerprint, spec=u.spec, weights=got[0],
-                                    metrics=got[1].get("metrics", {})), True)
+        update = self.cohorts.current_for(u.cohort, u.device_id, u.base_version, job_id=u.job_id)
+        if update is not None:
+            self.send(update, True)

@@ -18,7 +18,6 @@ import redis
 import torch
 
 from schemas.activations import ActivationBatch
-from schemas.adapter import AdapterUpdate
 from schemas.base import Message
 from schemas.errors import UnavailableError, WireError
 from schemas.jobs import CacheReport, Job
@@ -294,17 +293,12 @@ class Worker(Training):
     def _catch_up(self, device: str, cohort: str, has: int, fingerprint: str | None) -> None:
         """A member that comes online behind its cohort (it joined late, or was away) gets the
         cohort's current adapter at once (retained on its own adapter topic)."""
-        v = self.pool.cohorts.version(cohort)
-        got = self.pool.cohorts.adapter(cohort, v) if v > has else None
-        task = self.pool.cohorts.task(cohort)
-        if got is None or task is None or (fingerprint is not None and fingerprint != task[0]):
+        update = self.pool.cohorts.current_for(cohort, device, has)
+        if update is None or (fingerprint is not None and fingerprint != update.backbone_fingerprint):
             return
-        weights, meta = got
-        log.info("member %s of cohort %s is at v%d: sending the cohort's v%d", device, cohort, has, v,
+        log.info("member %s of cohort %s is at v%d: sending the cohort's v%d", device, cohort, has, update.version,
                  extra={"device": device})
-        self._send(AdapterUpdate(device_id=device, job_id=meta.get("job_id", f"cohort-v{v}"), version=v,
-                                 base_version=has, backbone_fingerprint=task[0], spec=task[1], weights=weights,
-                                 metrics=meta.get("metrics", {})), retain=True)
+        self._send(update, retain=True)
 
     def on_job(self, job: Job) -> None:
         rec = self.store.get(job.device_id, job.job_id)
