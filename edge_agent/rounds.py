@@ -1,7 +1,7 @@
 """A round: forward passes (once per new sample) → job → uploads of what the server lacks → adapter.
 
 (Over 400 lines because the three kinds of round — server-trained, board-trained and a federated
-member's — still share this one class; their split into modules of their own is issue 22's.)
+member's — still share this one class; each is to move into a module of its own.)
 
 Everything a round decides is written to the ledger before it is sent, so an
 agent restarted mid-round resumes it: it sends the same job again and the
