@@ -1,7 +1,7 @@
 """``sidetune bench cohort``: fleet learning against what a fleet operator would run instead.
 
 (Over 400 lines: the side-network rows and the bench's driver live together; the rows move to a
-module of their own with the benches' move out of the product's command package, issue 22.)
+module of their own when the benches move out of the product's command package.)
 
 The news task (seven outlets) split over N boards (default 8 × 250) two ways, IID and label-skewed
 (Dirichlet α = 0.5; sidetune/bench/shards.py), every board scored on one held-out set (default
